@@ -1,0 +1,537 @@
+//! The engine: ids in, verdicts out. Ties the fingerprint function, the set
+//! and the TTL machinery together behind a small API.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_epoch as epoch;
+
+use crate::fingerprint::{Fingerprint, Fingerprinter, Secret};
+use crate::set::{SetConfig, ShardedSet};
+use crate::stats::Counters;
+use crate::ttl::clock::{Clock, SystemClock};
+use crate::ttl::{SweepSchedule, Tick};
+use crate::{Error, Result};
+
+/// Default retention of a mark.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Default maximum id length in bytes.
+pub const DEFAULT_MAX_ID_LEN: usize = 1024;
+/// Largest configurable id length.
+pub const MAX_ID_LEN_LIMIT: usize = 1 << 20;
+const DEFAULT_SHARDS: usize = 256;
+/// Ids hashed and prefetched together by the batch path.
+const BATCH_WINDOW: usize = 16;
+
+/// The answer to "have I seen this id?".
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// First sighting (within the TTL): process the event. The id is now marked.
+    New,
+    /// Already marked and not expired: skip the event.
+    Duplicate,
+}
+
+impl Verdict {
+    /// `true` for [`Verdict::New`].
+    pub fn is_new(self) -> bool {
+        self == Verdict::New
+    }
+}
+
+/// What to do when the memory ceiling is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MemoryPolicy {
+    /// Drop the entries closest to expiry (the oldest, under one TTL) in a
+    /// batch, and count them in [`Stats::evicted`]. An evicted id is
+    /// reported `New` if it comes back.
+    EvictOldest,
+    /// Keep every entry; refuse new ids with [`Error::CapacityExceeded`]
+    /// (counted in [`Stats::rejected`]) until expiry frees room.
+    #[default]
+    Reject,
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Entries resident and not forgotten. Entries past their TTL count until
+    /// swept; call [`Engine::expire_now`] first for an exact live count.
+    pub live_keys: usize,
+    /// Bytes held by the set's tables.
+    pub memory_bytes: usize,
+    /// Checks answered [`Verdict::New`].
+    pub new: u64,
+    /// Checks answered [`Verdict::Duplicate`].
+    pub duplicate: u64,
+    /// Ids rejected as empty or too long.
+    pub invalid: u64,
+    /// Ids refused at the memory ceiling.
+    pub rejected: u64,
+    /// Expired entries reclaimed from memory.
+    pub expired: u64,
+    /// Live entries evicted at the memory ceiling.
+    pub evicted: u64,
+    /// Entries removed by [`Engine::forget`].
+    pub forgotten: u64,
+}
+
+/// Configures an [`Engine`]. Start with [`Engine::builder`].
+#[derive(Debug)]
+pub struct EngineBuilder {
+    ttl: Duration,
+    shards: usize,
+    capacity: usize,
+    memory_limit: Option<(usize, MemoryPolicy)>,
+    max_id_len: usize,
+    secret: Option<Secret>,
+    clock: Arc<dyn Clock>,
+    background_sweep: bool,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            ttl: DEFAULT_TTL,
+            shards: DEFAULT_SHARDS,
+            capacity: 0,
+            memory_limit: None,
+            max_id_len: DEFAULT_MAX_ID_LEN,
+            secret: None,
+            clock: Arc::new(SystemClock),
+            background_sweep: true,
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// How long a mark lasts (whole seconds; default one hour).
+    /// `Duration::ZERO` disables deduplication: every valid id is `New` and
+    /// nothing is stored.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+    /// Number of shards (a power of two, 1..=65536; default 256).
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+    /// Expected number of live keys: sizes tables up front so they need not
+    /// grow (rate × TTL is a good estimate).
+    pub fn capacity(mut self, keys: usize) -> Self {
+        self.capacity = keys;
+        self
+    }
+    /// A ceiling on the set's memory, and what happens when it is reached.
+    pub fn memory_limit(mut self, bytes: usize, policy: MemoryPolicy) -> Self {
+        self.memory_limit = Some((bytes, policy));
+        self
+    }
+    /// Longest accepted id in bytes (default 1024, at most 1 MiB).
+    pub fn max_id_len(mut self, bytes: usize) -> Self {
+        self.max_id_len = bytes;
+        self
+    }
+    /// Use this fingerprint secret instead of a random one.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+    /// Read time from `clock` (tests use [`ManualClock`](crate::ManualClock)).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// Sweep expired entries from a background thread (default on). When
+    /// off, memory is reclaimed by [`Engine::expire_now`] and by growth.
+    pub fn background_sweep(mut self, on: bool) -> Self {
+        self.background_sweep = on;
+        self
+    }
+
+    /// Build an in-memory engine.
+    pub fn build(self) -> Result<Engine> {
+        if !self.shards.is_power_of_two() || self.shards > 65536 {
+            return Err(Error::Config(format!(
+                "shards must be a power of two in 1..=65536, got {}",
+                self.shards
+            )));
+        }
+        if self.max_id_len == 0 || self.max_id_len > MAX_ID_LEN_LIMIT {
+            return Err(Error::Config(format!(
+                "max_id_len must be in 1..={MAX_ID_LEN_LIMIT}, got {}",
+                self.max_id_len
+            )));
+        }
+        if self.ttl != Duration::ZERO && self.ttl < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "ttl has one-second resolution; {:?} is below it (use 0 to disable)",
+                self.ttl
+            )));
+        }
+        let secret = match self.secret {
+            Some(s) => s,
+            None => Secret::random().map_err(|source| Error::Io {
+                path: "getrandom".into(),
+                source,
+            })?,
+        };
+        let (memory_limit, policy) = match self.memory_limit {
+            Some((bytes, policy)) => (Some(bytes), policy),
+            None => (None, MemoryPolicy::default()),
+        };
+        let schedule = SweepSchedule::for_ttl(self.ttl);
+        let inner = Arc::new(Inner {
+            set: ShardedSet::new(SetConfig {
+                shards: self.shards,
+                capacity_hint: self.capacity,
+                memory_limit,
+                policy,
+            }),
+            fingerprinter: Fingerprinter::new(&secret),
+            clock: self.clock,
+            ttl: self.ttl,
+            max_id_len: self.max_id_len,
+            counters: Counters::new(),
+            sweep_interval: schedule.interval,
+        });
+        let sweeper = if self.background_sweep && self.ttl != Duration::ZERO {
+            Some(Sweeper::start(Arc::clone(&inner))?)
+        } else {
+            None
+        };
+        Ok(Engine {
+            inner,
+            _sweeper: sweeper,
+        })
+    }
+}
+
+struct Inner {
+    set: ShardedSet,
+    fingerprinter: Fingerprinter,
+    clock: Arc<dyn Clock>,
+    ttl: Duration,
+    max_id_len: usize,
+    counters: Counters,
+    sweep_interval: Duration,
+}
+
+impl Inner {
+    #[inline]
+    fn now(&self) -> Tick {
+        Tick::from_unix_secs(self.clock.now_unix_secs())
+    }
+
+    fn sweep(&self, min_interval: Duration) -> u64 {
+        self.set.sweep(self.now(), min_interval.as_secs() as u32)
+    }
+}
+
+/// Background expiry: sweeps due shards every `sweep_interval`; stops when
+/// the engine is dropped (the channel disconnects).
+struct Sweeper {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sweeper {
+    fn start(inner: Arc<Inner>) -> Result<Sweeper> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("seen-sweeper".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(inner.sweep_interval)
+                {
+                    inner.sweep(inner.sweep_interval);
+                }
+            })
+            .map_err(|source| Error::Io {
+                path: "seen-sweeper thread".into(),
+                source,
+            })?;
+        Ok(Sweeper {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers "have I already processed this event?" for many threads at once.
+///
+/// ```
+/// use seen::{Engine, Verdict};
+/// let engine = Engine::builder().build()?;
+/// assert_eq!(engine.check_and_insert("order-42")?, Verdict::New);
+/// assert_eq!(engine.check_and_insert("order-42")?, Verdict::Duplicate);
+/// # Ok::<(), seen::Error>(())
+/// ```
+pub struct Engine {
+    inner: Arc<Inner>,
+    _sweeper: Option<Sweeper>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("ttl", &self.inner.ttl)
+            .field("live_keys", &self.inner.set.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Start configuring an engine.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The fingerprint of a valid id.
+    #[inline]
+    pub fn fingerprint(&self, id: impl AsRef<[u8]>) -> Result<Fingerprint> {
+        let id = id.as_ref();
+        self.validate(id)?;
+        Ok(self.inner.fingerprinter.fingerprint(id))
+    }
+
+    #[inline]
+    fn validate(&self, id: &[u8]) -> Result<()> {
+        if id.is_empty() || id.len() > self.inner.max_id_len {
+            self.inner.counters.stripe().invalid.fetch_add(1, Relaxed);
+            return Err(if id.is_empty() {
+                Error::EmptyId
+            } else {
+                Error::IdTooLong {
+                    len: id.len(),
+                    max: self.inner.max_id_len,
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Mark `id` and say whether it was new. Linearizable: of any number of
+    /// threads racing on one id, exactly one is told [`Verdict::New`].
+    #[inline]
+    pub fn check_and_insert(&self, id: impl AsRef<[u8]>) -> Result<Verdict> {
+        let fp = self.fingerprint(id)?;
+        self.insert_fingerprint(fp, self.inner.ttl, &epoch::pin())
+    }
+
+    /// [`Engine::check_and_insert`] with a TTL for this mark only.
+    pub fn check_and_insert_with_ttl(
+        &self,
+        id: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) -> Result<Verdict> {
+        let fp = self.fingerprint(id)?;
+        self.insert_fingerprint(fp, ttl, &epoch::pin())
+    }
+
+    /// [`Engine::check_and_insert`] for a fingerprint computed earlier
+    /// (with [`Engine::fingerprint`]).
+    #[inline]
+    pub fn check_and_insert_fingerprint(&self, fp: Fingerprint) -> Result<Verdict> {
+        self.insert_fingerprint(fp, self.inner.ttl, &epoch::pin())
+    }
+
+    #[inline]
+    fn insert_fingerprint(&self, fp: Fingerprint, ttl: Duration, guard: &epoch::Guard) -> Result<Verdict> {
+        let now = self.inner.now();
+        self.insert_at(fp, now, ttl, guard)
+    }
+
+    #[inline]
+    fn insert_at(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        ttl: Duration,
+        guard: &epoch::Guard,
+    ) -> Result<Verdict> {
+        let stripe = self.inner.counters.stripe();
+        if ttl.is_zero() {
+            stripe.new.fetch_add(1, Relaxed);
+            return Ok(Verdict::New);
+        }
+        match self.inner.set.insert(fp, now, now.plus(ttl), guard) {
+            Ok(Verdict::New) => {
+                stripe.new.fetch_add(1, Relaxed);
+                Ok(Verdict::New)
+            }
+            Ok(Verdict::Duplicate) => {
+                stripe.duplicate.fetch_add(1, Relaxed);
+                Ok(Verdict::Duplicate)
+            }
+            Err(e) => {
+                stripe.rejected.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Check and mark many ids; verdicts come back in order. All ids are
+    /// validated first: if one is invalid, nothing is marked.
+    pub fn check_and_insert_batch<I: AsRef<[u8]>>(&self, ids: &[I]) -> Result<Vec<Verdict>> {
+        let mut out = Vec::with_capacity(ids.len());
+        self.check_and_insert_batch_into(ids, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Engine::check_and_insert_batch`] appending to a caller's buffer
+    /// (no allocation once `out` has grown). Ids are hashed and their
+    /// table lines prefetched in windows of 16, so the cache misses of a
+    /// window overlap instead of queueing.
+    ///
+    /// On [`Error::CapacityExceeded`] the verdicts of the ids before the
+    /// refused one are in `out`; the rest were not marked.
+    pub fn check_and_insert_batch_into<I: AsRef<[u8]>>(
+        &self,
+        ids: &[I],
+        out: &mut Vec<Verdict>,
+    ) -> Result<()> {
+        for id in ids {
+            self.validate(id.as_ref())?;
+        }
+        let fps = ids
+            .iter()
+            .map(|id| self.inner.fingerprinter.fingerprint(id.as_ref()));
+        self.insert_fingerprints(fps, ids.len(), out)
+    }
+
+    /// The batch path for fingerprints computed earlier.
+    pub fn check_and_insert_fingerprints(
+        &self,
+        fps: &[Fingerprint],
+        out: &mut Vec<Verdict>,
+    ) -> Result<()> {
+        self.insert_fingerprints(fps.iter().copied(), fps.len(), out)
+    }
+
+    fn insert_fingerprints(
+        &self,
+        mut fps: impl Iterator<Item = Fingerprint>,
+        len: usize,
+        out: &mut Vec<Verdict>,
+    ) -> Result<()> {
+        out.reserve(len);
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        let ttl = self.inner.ttl;
+        let mut window = [Fingerprint(0); BATCH_WINDOW];
+        loop {
+            let mut n = 0;
+            for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
+                *slot = fp;
+                self.inner.set.prefetch(fp, guard);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            for &fp in &window[..n] {
+                out.push(self.insert_at(fp, now, ttl, guard)?);
+            }
+        }
+    }
+
+    /// Is `id` marked and not expired? Never blocks and never marks.
+    #[inline]
+    pub fn contains(&self, id: impl AsRef<[u8]>) -> Result<bool> {
+        let fp = self.fingerprint(id)?;
+        Ok(self.contains_fingerprint(fp))
+    }
+
+    /// [`Engine::contains`] for a fingerprint computed earlier.
+    #[inline]
+    pub fn contains_fingerprint(&self, fp: Fingerprint) -> bool {
+        if self.inner.ttl.is_zero() {
+            return false;
+        }
+        self.inner
+            .set
+            .contains(fp, self.inner.now(), &epoch::pin())
+    }
+
+    /// Remove the mark of `id`, so its next check is `New`. Returns whether
+    /// a live mark was removed.
+    pub fn forget(&self, id: impl AsRef<[u8]>) -> Result<bool> {
+        let fp = self.fingerprint(id)?;
+        let removed = self.inner.set.forget(fp, self.inner.now(), &epoch::pin());
+        if removed {
+            self.inner.counters.stripe().forgotten.fetch_add(1, Relaxed);
+        }
+        Ok(removed)
+    }
+
+    /// Reclaim every expired entry now. Returns how many were reclaimed.
+    /// (Expired entries are already answered as absent; this frees memory.)
+    pub fn expire_now(&self) -> usize {
+        self.inner.sweep(Duration::ZERO) as usize
+    }
+
+    /// Compatibility shape: `true` when the event should be processed —
+    /// the id is new (and now marked), **or it could not be checked** (an
+    /// invalid id, or the memory ceiling under `Reject`; counted in
+    /// [`Stats`]). Failing open keeps delivery at-least-once.
+    pub fn process_or_skip(&self, id: impl AsRef<[u8]>) -> bool {
+        !matches!(self.check_and_insert(id), Ok(Verdict::Duplicate))
+    }
+
+    /// Compatibility shape: same as [`Engine::expire_now`].
+    pub fn cleanup_expired(&self) -> usize {
+        self.expire_now()
+    }
+
+    /// Entries resident and not forgotten (see [`Stats::live_keys`]).
+    pub fn len(&self) -> usize {
+        self.inner.set.len()
+    }
+
+    /// `true` if no entry is resident.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the set's tables.
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.set.memory_bytes()
+    }
+
+    /// The default TTL of a mark.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let t = self.inner.counters.totals();
+        Stats {
+            live_keys: self.len(),
+            memory_bytes: self.memory_bytes(),
+            new: t.new,
+            duplicate: t.duplicate,
+            invalid: t.invalid,
+            rejected: t.rejected,
+            expired: self.inner.set.reclaimed.expired.load(Relaxed),
+            evicted: self.inner.set.reclaimed.evicted.load(Relaxed),
+            forgotten: t.forgotten,
+        }
+    }
+}

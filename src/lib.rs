@@ -1,0 +1,20 @@
+#![doc = include_str!("../README.md")]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod engine;
+mod error;
+mod fingerprint;
+mod prefetch;
+mod set;
+mod stats;
+mod sync;
+pub mod ttl;
+
+pub use engine::{
+    Engine, EngineBuilder, MemoryPolicy, Stats, Verdict, DEFAULT_MAX_ID_LEN, DEFAULT_TTL,
+    MAX_ID_LEN_LIMIT,
+};
+pub use error::{Error, Result};
+pub use fingerprint::{Fingerprint, Fingerprinter, Secret};
+pub use ttl::clock::{Clock, ManualClock, SystemClock};

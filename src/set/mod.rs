@@ -1,0 +1,328 @@
+//! The sharded concurrent set of fingerprints with per-entry expiry.
+//!
+//! The top bits of a fingerprint pick a shard; each shard owns one
+//! [`table::Table`] behind an epoch-protected pointer. Lookups and inserts
+//! are lock-free on the table (see `table.rs` for the slot protocol). A
+//! shard's table is replaced — to grow, to shrink, to drop expired entries,
+//! or to evict at the memory ceiling — by *migration*: freeze the old table
+//! slot by slot, copy what is live into a new one, publish it, and retire the
+//! old one through the epoch collector. Only migrators take the shard's
+//! mutex; a writer that meets a frozen slot waits on that mutex for the
+//! (short, per-shard) migration to end. Readers never wait.
+
+// Unsafe here: dereferencing and retiring epoch-protected table pointers.
+#![allow(unsafe_code)]
+
+pub(crate) mod table;
+
+#[cfg(all(test, seen_loom))]
+mod loom_tests;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+use table::{Forget, Insert, Key, Table};
+
+use crate::ttl::Tick;
+use crate::{Error, Fingerprint, MemoryPolicy, Result, Verdict};
+
+/// Migrate when this fraction of a table's slots is claimed.
+const MAX_LOAD: f64 = 0.8;
+/// After growing, this fraction of the new table is claimed (×1.6 growth).
+const GROW_TO_LOAD: f64 = 0.5;
+/// A sweep keeps the table size while the live load stays in this band.
+const KEEP_SIZE_LOAD: (f64, f64) = (0.2, 0.7);
+/// At the ceiling with `EvictOldest`, evict down to this fraction of the
+/// ceiling's capacity, so eviction runs in batches and not on every insert.
+const EVICT_TO_LOAD: f64 = 0.7;
+/// Smallest table per shard (16 cache lines).
+const MIN_SLOTS: usize = 64;
+
+/// Sizing and ceiling settings of a [`ShardedSet`].
+#[derive(Clone, Debug)]
+pub(crate) struct SetConfig {
+    /// Number of shards, a power of two.
+    pub shards: usize,
+    /// Expected number of live keys, to size tables up front.
+    pub capacity_hint: usize,
+    /// Memory ceiling for all tables together.
+    pub memory_limit: Option<usize>,
+    pub policy: MemoryPolicy,
+}
+
+struct Shard {
+    table: Atomic<Table>,
+    /// Lower bound on the earliest expiry in the current table.
+    next_expiry: AtomicU32,
+    /// When this shard was last swept.
+    last_sweep: AtomicU32,
+    migration: Mutex<()>,
+}
+
+/// Counters only migrations touch (so plain shared atomics are fine).
+#[derive(Default)]
+pub(crate) struct Reclaimed {
+    pub expired: AtomicU64,
+    pub evicted: AtomicU64,
+}
+
+pub(crate) struct ShardedSet {
+    shards: Box<[CachePadded<Shard>]>,
+    shard_shift: u32,
+    slot_limit: Option<usize>,
+    config: SetConfig,
+    pub(crate) reclaimed: Reclaimed,
+}
+
+impl ShardedSet {
+    pub(crate) fn new(config: SetConfig) -> ShardedSet {
+        debug_assert!(config.shards.is_power_of_two());
+        let slot_limit = config
+            .memory_limit
+            .map(|bytes| (bytes / table::SLOT_BYTES / config.shards).max(MIN_SLOTS));
+        let per_shard = config.capacity_hint.div_ceil(config.shards);
+        let mut slots = ((per_shard as f64 / MAX_LOAD) as usize + 1).max(MIN_SLOTS);
+        let mut at_limit = false;
+        if let Some(limit) = slot_limit {
+            if slots >= limit {
+                slots = limit;
+                at_limit = true;
+            }
+        }
+        let shards = (0..config.shards)
+            .map(|_| {
+                CachePadded::new(Shard {
+                    table: Atomic::new(Table::new(slots, MAX_LOAD, at_limit)),
+                    next_expiry: AtomicU32::new(Tick::MAX.0),
+                    last_sweep: AtomicU32::new(0),
+                    migration: Mutex::new(()),
+                })
+            })
+            .collect();
+        ShardedSet {
+            shards,
+            shard_shift: 64 - config.shards.trailing_zeros(),
+            slot_limit,
+            config,
+            reclaimed: Reclaimed::default(),
+        }
+    }
+
+    #[inline]
+    fn shard(&self, fp: Fingerprint) -> &Shard {
+        // `checked_shr` because one shard means a shift by 64.
+        let i = fp.hi().checked_shr(self.shard_shift).unwrap_or(0) as usize;
+        &self.shards[i]
+    }
+
+    #[inline]
+    fn current<'g>(shard: &Shard, guard: &'g Guard) -> (Shared<'g, Table>, &'g Table) {
+        let ptr = shard.table.load(Acquire, guard);
+        // SAFETY: a shard's table pointer is set to a valid table at
+        // construction and only ever swapped for another valid table; the
+        // old one is destroyed through `defer_destroy`, i.e. not before every
+        // guard pinned when it was reachable (like `guard`) is dropped.
+        let table = unsafe { ptr.deref() };
+        (ptr, table)
+    }
+
+    /// Prefetch the cache line where a probe for `fp` will start.
+    #[inline]
+    pub(crate) fn prefetch(&self, fp: Fingerprint, guard: &Guard) {
+        let (_, table) = Self::current(self.shard(fp), guard);
+        crate::prefetch::prefetch_read(table.home_line_ptr(Key::new(fp)));
+    }
+
+    /// Insert-if-absent, linearizable.
+    #[inline]
+    pub(crate) fn insert(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        expiry: Tick,
+        guard: &Guard,
+    ) -> Result<Verdict> {
+        let key = Key::new(fp);
+        let shard = self.shard(fp);
+        loop {
+            let (ptr, table) = Self::current(shard, guard);
+            match table.insert(key, now, expiry) {
+                Insert::Duplicate => return Ok(Verdict::Duplicate),
+                Insert::Claimed => {
+                    Self::note_expiry(shard, expiry);
+                    let occupied = table.occupied.fetch_add(1, Relaxed) + 1;
+                    if occupied > table.max_occupied && !table.at_limit {
+                        self.migrate(shard, ptr, now, guard);
+                    }
+                    return Ok(Verdict::New);
+                }
+                Insert::Revived { was_forgotten } => {
+                    if was_forgotten {
+                        table.forgotten.fetch_sub(1, Relaxed);
+                    }
+                    Self::note_expiry(shard, expiry);
+                    return Ok(Verdict::New);
+                }
+                Insert::Frozen => drop(shard.migration.lock()),
+                Insert::Full => {
+                    if table.at_limit
+                        && self.config.policy == MemoryPolicy::Reject
+                        && shard.next_expiry.load(Relaxed) > now.0
+                    {
+                        // Nothing to reclaim: refuse rather than forget.
+                        return Err(Error::CapacityExceeded {
+                            limit_bytes: self.config.memory_limit.unwrap_or(0),
+                        });
+                    }
+                    self.migrate(shard, ptr, now, guard);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn note_expiry(shard: &Shard, expiry: Tick) {
+        // With one TTL, expiries only grow: usually a load and no write.
+        if expiry.0 < shard.next_expiry.load(Relaxed) {
+            shard.next_expiry.fetch_min(expiry.0, Relaxed);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn contains(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> bool {
+        let (_, table) = Self::current(self.shard(fp), guard);
+        table.contains(Key::new(fp), now)
+    }
+
+    /// Returns whether a live entry was forgotten.
+    pub(crate) fn forget(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> bool {
+        let key = Key::new(fp);
+        let shard = self.shard(fp);
+        loop {
+            let (_, table) = Self::current(shard, guard);
+            match table.forget(key, now) {
+                Forget::Forgotten => {
+                    table.forgotten.fetch_add(1, Relaxed);
+                    return true;
+                }
+                Forget::Absent => return false,
+                Forget::Frozen => drop(shard.migration.lock()),
+            }
+        }
+    }
+
+    /// Rebuild every shard whose earliest expiry has passed (and that was not
+    /// swept in the last `min_interval` ticks). Returns entries dropped.
+    pub(crate) fn sweep(&self, now: Tick, min_interval: u32) -> u64 {
+        let before = self.reclaimed.expired.load(Relaxed);
+        for shard in self.shards.iter() {
+            if shard.next_expiry.load(Relaxed) > now.0 {
+                continue;
+            }
+            let last = shard.last_sweep.load(Relaxed);
+            if now.0.saturating_sub(last) < min_interval {
+                continue;
+            }
+            let guard = &epoch::pin();
+            let (ptr, _) = Self::current(shard, guard);
+            self.migrate(shard, ptr, now, guard);
+        }
+        self.reclaimed.expired.load(Relaxed) - before
+    }
+
+    /// Replace `expected` (if it is still the shard's table) with a new table
+    /// holding its live entries.
+    #[cold]
+    fn migrate(&self, shard: &Shard, expected: Shared<'_, Table>, now: Tick, guard: &Guard) {
+        let _migrating = shard.migration.lock();
+        let (ptr, old) = Self::current(shard, guard);
+        if ptr != expected {
+            return; // someone else already replaced it
+        }
+        let mut entries: Vec<(Key, Tick)> = Vec::with_capacity(old.len());
+        let expired = old.freeze_and_drain(now, |k, e| entries.push((k, e)));
+        self.reclaimed.expired.fetch_add(expired as u64, Relaxed);
+
+        let live = entries.len() as f64;
+        let old_slots = old.slots() as f64;
+        let mut slots = if live > KEEP_SIZE_LOAD.0 * old_slots && live < KEEP_SIZE_LOAD.1 * old_slots
+        {
+            old.slots()
+        } else {
+            ((live / GROW_TO_LOAD) as usize).max(MIN_SLOTS)
+        };
+        let mut at_limit = false;
+        if let Some(limit) = self.slot_limit {
+            if slots >= limit {
+                slots = limit;
+                at_limit = true;
+                if self.config.policy == MemoryPolicy::EvictOldest {
+                    let keep = (limit as f64 * MAX_LOAD * EVICT_TO_LOAD) as usize;
+                    if entries.len() > keep {
+                        let evict = entries.len() - keep;
+                        entries.select_nth_unstable_by_key(evict, |&(_, e)| e);
+                        entries.drain(..evict);
+                        self.reclaimed.evicted.fetch_add(evict as u64, Relaxed);
+                    }
+                }
+            }
+        }
+        // Never drop a live entry for want of room (Reject may sit just
+        // above the ceiling's load): the table always has a free slot.
+        slots = slots.max(entries.len() + entries.len() / 8 + SLOTS_PER_LINE_MIN);
+        let new = Table::new(slots, MAX_LOAD, at_limit);
+        let mut earliest = Tick::MAX;
+        for &(key, expiry) in &entries {
+            let inserted = new.insert_unshared(key, expiry);
+            debug_assert!(inserted, "migration target has room by construction");
+            earliest = earliest.min(expiry);
+        }
+        shard.next_expiry.store(earliest.0, Relaxed);
+        shard.last_sweep.store(now.0, Relaxed);
+        shard.table.store(Owned::new(new), Release);
+        // SAFETY: `ptr` was just unlinked (the store above replaced it) and
+        // is never handed out again; readers that still hold it are pinned.
+        unsafe { guard.defer_destroy(ptr) };
+        guard.flush();
+    }
+
+    /// Entries not forgotten (expired ones count until swept).
+    pub(crate) fn len(&self) -> usize {
+        let guard = &epoch::pin();
+        self.shards
+            .iter()
+            .map(|s| Self::current(s, guard).1.len())
+            .sum()
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        let guard = &epoch::pin();
+        let tables: usize = self
+            .shards
+            .iter()
+            .map(|s| Self::current(s, guard).1.memory_bytes())
+            .sum();
+        tables + self.shards.len() * std::mem::size_of::<CachePadded<Shard>>()
+    }
+}
+
+const SLOTS_PER_LINE_MIN: usize = table::SLOTS_PER_LINE;
+
+impl Drop for ShardedSet {
+    fn drop(&mut self) {
+        for shard in self.shards.iter() {
+            // SAFETY: `&mut self` means no other thread can reach the set, so
+            // no guard can hold the table; take it out and free it now.
+            unsafe {
+                let guard = epoch::unprotected();
+                let ptr = shard.table.swap(Shared::null(), Relaxed, guard);
+                if !ptr.is_null() {
+                    drop(ptr.into_owned());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! One shard's open-addressing table: folklore linear probing over 16-byte
+//! slots, four to a cache line, with insert-if-absent by compare-and-swap.
+//!
+//! # Slot protocol
+//!
+//! A slot is two words:
+//!
+//! ```text
+//! tag  : u64   0 = EMPTY, 1 = FROZEN (empty, table is migrating), else the
+//!              fingerprint's low 64 bits (0 and 1 remapped to 2 and 3)
+//! word : u64   bits 63..32  check: the fingerprint's high word, low 32 bits
+//!              bit  31      MOVED: the table is migrating, word is final
+//!              bits 30..0   expiry tick (1 = forgotten); 0 = PENDING
+//! ```
+//!
+//! * **Claim**: CAS `tag` EMPTY → tag, then store `word`. Between the two a
+//!   reader that matches the tag sees PENDING and waits (a few instructions
+//!   of another thread; lookups do not wait, they treat PENDING as absent,
+//!   which linearises them before the insert).
+//! * **Match**: `tag` equal and `check` equal. Live iff expiry > now.
+//! * **Revive / forget**: CAS on `word` only, so a slot, once claimed, keeps
+//!   its key until the table is replaced: probe sequences never break and
+//!   racing inserts of one id meet at the same slot. Exactly one CAS wins,
+//!   so exactly one caller is told "new".
+//! * **Freeze** (migration): EMPTY slots become FROZEN, claimed slots get
+//!   MOVED; every later CAS by a writer then fails, the writer sees the mark
+//!   and retries on the new table. Readers keep reading: frozen contents are
+//!   still correct.
+//!
+//! In memory a key is compared on 64 + 32 bits plus the shard-index bits
+//! (8 with the default 256 shards): 104 bits. With 10^9 live keys a new id is
+//! mistaken for a duplicate with probability below 10^-22 per event; the full
+//! 128 bits are kept in the log. This is what buys 16-byte slots.
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use crate::sync::backoff;
+use crate::ttl::Tick;
+use crate::Fingerprint;
+
+const EMPTY: u64 = 0;
+const FROZEN: u64 = 1;
+const PENDING: u64 = 0;
+const MOVED: u64 = 1 << 31;
+const EXPIRY_MASK: u64 = MOVED - 1;
+/// Slots per 64-byte cache line.
+pub(crate) const SLOTS_PER_LINE: usize = 4;
+/// Bytes of table per slot.
+pub(crate) const SLOT_BYTES: usize = 16;
+
+/// A fingerprint as the table stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Key {
+    tag: u64,
+    check: u32,
+}
+
+impl Key {
+    #[inline]
+    pub(crate) fn new(fp: Fingerprint) -> Key {
+        let lo = fp.lo();
+        Key {
+            // 0 and 1 are reserved markers.
+            tag: if lo < 2 { lo + 2 } else { lo },
+            check: fp.hi() as u32,
+        }
+    }
+}
+
+#[repr(C, align(16))]
+struct Slot {
+    tag: AtomicU64,
+    word: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct Line([Slot; SLOTS_PER_LINE]);
+
+/// What [`Table::insert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Insert {
+    /// Took an empty slot: a new key.
+    Claimed,
+    /// The key was there but dead (expired, or forgotten if `was_forgotten`),
+    /// and is live again.
+    Revived { was_forgotten: bool },
+    /// The key is live.
+    Duplicate,
+    /// The table is being migrated: retry on its successor.
+    Frozen,
+    /// No slot may be claimed (probe exhausted, or the shard is at its
+    /// memory ceiling).
+    Full,
+}
+
+/// What [`Table::forget`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Forget {
+    Forgotten,
+    Absent,
+    Frozen,
+}
+
+pub(crate) struct Table {
+    lines: Box<[Line]>,
+    slots: usize,
+    /// Claimed slots before this table asks to be migrated.
+    pub(crate) max_occupied: usize,
+    /// The shard may not grow past this table: refuse claims when full.
+    pub(crate) at_limit: bool,
+    /// Claimed slots (live, expired and forgotten).
+    pub(crate) occupied: CachePadded<AtomicUsize>,
+    /// Slots holding a forgotten key.
+    pub(crate) forgotten: AtomicUsize,
+}
+
+impl Table {
+    /// A table of at least `slots` slots (rounded up to whole cache lines).
+    pub(crate) fn new(slots: usize, max_load: f64, at_limit: bool) -> Table {
+        let lines = slots.div_ceil(SLOTS_PER_LINE).max(1);
+        let slots = lines * SLOTS_PER_LINE;
+        let max_occupied = ((slots as f64 * max_load) as usize).clamp(1, slots - 1);
+        Table {
+            lines: zeroed_lines(lines),
+            slots,
+            max_occupied,
+            at_limit,
+            occupied: CachePadded::new(AtomicUsize::new(0)),
+            forgotten: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.lines.len() * std::mem::size_of::<Line>() + std::mem::size_of::<Table>()
+    }
+
+    /// Entries that are not forgotten (expired ones count until swept).
+    pub(crate) fn len(&self) -> usize {
+        self.occupied
+            .load(Relaxed)
+            .saturating_sub(self.forgotten.load(Relaxed))
+    }
+
+    #[inline]
+    fn home(&self, tag: u64) -> usize {
+        // Lemire's multiply-shift range reduction: any table size, no modulo.
+        ((tag as u128 * self.slots as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn slot(&self, i: usize) -> &Slot {
+        let line = &self.lines[i / SLOTS_PER_LINE];
+        &line.0[i % SLOTS_PER_LINE]
+    }
+
+    /// Address of the cache line where a probe for `key` starts, for prefetching.
+    #[inline]
+    pub(crate) fn home_line_ptr(&self, key: Key) -> *const u8 {
+        let line: &Line = &self.lines[self.home(key.tag) / SLOTS_PER_LINE];
+        (line as *const Line).cast()
+    }
+
+    /// Wait out the claim → publish window of another thread.
+    #[inline]
+    fn published_word(slot: &Slot) -> u64 {
+        let mut spins = 0;
+        loop {
+            let w = slot.word.load(Acquire);
+            if w != PENDING {
+                return w;
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Insert-if-absent. `expiry` must be > `now`.
+    #[inline]
+    pub(crate) fn insert(&self, key: Key, now: Tick, expiry: Tick) -> Insert {
+        let mut i = self.home(key.tag);
+        for _ in 0..self.slots {
+            let slot = self.slot(i);
+            let mut tag = slot.tag.load(Acquire);
+            if tag == EMPTY {
+                if self.at_limit && self.occupied.load(Relaxed) >= self.max_occupied {
+                    return Insert::Full;
+                }
+                match slot.tag.compare_exchange(EMPTY, key.tag, AcqRel, Acquire) {
+                    Ok(_) => {
+                        slot.word.store(pack(key.check, expiry), Release);
+                        return Insert::Claimed;
+                    }
+                    Err(actual) => tag = actual,
+                }
+            }
+            if tag == FROZEN {
+                return Insert::Frozen;
+            }
+            if tag == key.tag {
+                let mut word = Self::published_word(slot);
+                while word_check(word) == key.check {
+                    let old = word_expiry(word);
+                    if old > now {
+                        return Insert::Duplicate;
+                    }
+                    if word & MOVED != 0 {
+                        return Insert::Frozen;
+                    }
+                    match slot.word.compare_exchange(
+                        word,
+                        pack(key.check, expiry),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => {
+                            return Insert::Revived {
+                                was_forgotten: old == Tick::DEAD,
+                            }
+                        }
+                        Err(actual) => word = actual,
+                    }
+                }
+            }
+            i = self.next(i);
+        }
+        Insert::Full
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// Is `key` live at `now`? Never waits.
+    #[inline]
+    pub(crate) fn contains(&self, key: Key, now: Tick) -> bool {
+        let mut i = self.home(key.tag);
+        for _ in 0..self.slots {
+            let slot = self.slot(i);
+            let tag = slot.tag.load(Acquire);
+            if tag == EMPTY || tag == FROZEN {
+                return false;
+            }
+            if tag == key.tag {
+                let word = slot.word.load(Acquire);
+                if word != PENDING && word_check(word) == key.check {
+                    return word_expiry(word) > now;
+                }
+            }
+            i = self.next(i);
+        }
+        false
+    }
+
+    /// Mark `key` dead if it is live.
+    pub(crate) fn forget(&self, key: Key, now: Tick) -> Forget {
+        let mut i = self.home(key.tag);
+        for _ in 0..self.slots {
+            let slot = self.slot(i);
+            let tag = slot.tag.load(Acquire);
+            if tag == EMPTY {
+                return Forget::Absent;
+            }
+            if tag == FROZEN {
+                return Forget::Frozen;
+            }
+            if tag == key.tag {
+                let mut word = Self::published_word(slot);
+                while word_check(word) == key.check {
+                    if word_expiry(word) <= now {
+                        return Forget::Absent;
+                    }
+                    if word & MOVED != 0 {
+                        return Forget::Frozen;
+                    }
+                    match slot.word.compare_exchange(
+                        word,
+                        pack(key.check, Tick::DEAD),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return Forget::Forgotten,
+                        Err(actual) => word = actual,
+                    }
+                }
+            }
+            i = self.next(i);
+        }
+        Forget::Absent
+    }
+
+    /// Freeze every slot so no writer can change this table again, and hand
+    /// each entry that is live at `now` to `keep`. Returns how many entries
+    /// were dead by time (not counting forgotten ones).
+    pub(crate) fn freeze_and_drain(&self, now: Tick, mut keep: impl FnMut(Key, Tick)) -> usize {
+        let mut expired = 0;
+        for i in 0..self.slots {
+            let slot = self.slot(i);
+            let tag = match slot
+                .tag
+                .compare_exchange(EMPTY, FROZEN, AcqRel, Acquire)
+            {
+                Ok(_) => continue,
+                Err(tag) => tag,
+            };
+            if tag == FROZEN {
+                continue;
+            }
+            // Claimed: wait for its word, then mark it final.
+            Self::published_word(slot);
+            let word = slot.word.fetch_or(MOVED, AcqRel);
+            let expiry = word_expiry(word);
+            if expiry > now {
+                keep(
+                    Key {
+                        tag,
+                        check: word_check(word),
+                    },
+                    expiry,
+                );
+            } else if expiry != Tick::DEAD {
+                expired += 1;
+            }
+        }
+        expired
+    }
+
+    /// Add an entry to a table nobody else can see yet (migration target).
+    pub(crate) fn insert_unshared(&self, key: Key, expiry: Tick) -> bool {
+        match self.insert(key, Tick(0), expiry) {
+            Insert::Claimed => {
+                self.occupied.fetch_add(1, Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[inline]
+fn pack(check: u32, expiry: Tick) -> u64 {
+    ((check as u64) << 32) | expiry.0 as u64
+}
+
+#[inline]
+fn word_check(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+#[inline]
+fn word_expiry(word: u64) -> Tick {
+    Tick((word & EXPIRY_MASK) as u32)
+}
+
+#[cfg(not(seen_loom))]
+#[allow(unsafe_code)]
+fn zeroed_lines(lines: usize) -> Box<[Line]> {
+    use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+    let layout = Layout::array::<Line>(lines).expect("table size overflows usize");
+    // SAFETY: `layout` has non-zero size (lines >= 1). A `Line` is only
+    // `AtomicU64`s, for which all-zero bytes are a valid value (EMPTY slots),
+    // so the zeroed allocation is `lines` initialised `Line`s, and the Box
+    // frees it with the same layout. alloc_zeroed lets the OS hand us
+    // untouched zero pages: a fresh table costs no writes.
+    unsafe {
+        let ptr = alloc_zeroed(layout) as *mut Line;
+        if ptr.is_null() {
+            handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, lines))
+    }
+}
+
+#[cfg(seen_loom)]
+fn zeroed_lines(lines: usize) -> Box<[Line]> {
+    (0..lines)
+        .map(|_| {
+            Line(std::array::from_fn(|_| Slot {
+                tag: AtomicU64::new(EMPTY),
+                word: AtomicU64::new(PENDING),
+            }))
+        })
+        .collect()
+}
+
+#[cfg(all(test, not(seen_loom)))]
+mod tests {
+    use super::*;
+
+    fn key(n: u128) -> Key {
+        Key::new(Fingerprint(n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)))
+    }
+
+    #[test]
+    fn insert_then_duplicate_then_expire_then_revive() {
+        let t = Table::new(64, 0.8, false);
+        let k = key(1);
+        assert_eq!(t.insert(k, Tick(10), Tick(20)), Insert::Claimed);
+        assert_eq!(t.insert(k, Tick(10), Tick(20)), Insert::Duplicate);
+        assert!(t.contains(k, Tick(19)));
+        assert!(!t.contains(k, Tick(20)));
+        assert_eq!(
+            t.insert(k, Tick(20), Tick(30)),
+            Insert::Revived {
+                was_forgotten: false
+            }
+        );
+        assert!(t.contains(k, Tick(29)));
+    }
+
+    #[test]
+    fn forget_then_revive() {
+        let t = Table::new(64, 0.8, false);
+        let k = key(7);
+        assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
+        t.insert(k, Tick(10), Tick(20));
+        assert_eq!(t.forget(k, Tick(10)), Forget::Forgotten);
+        assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
+        assert!(!t.contains(k, Tick(10)));
+        assert_eq!(
+            t.insert(k, Tick(10), Tick(20)),
+            Insert::Revived {
+                was_forgotten: true
+            }
+        );
+    }
+
+    #[test]
+    fn same_tag_different_check_are_different_keys() {
+        let t = Table::new(64, 0.8, false);
+        let a = Key { tag: 99, check: 1 };
+        let b = Key { tag: 99, check: 2 };
+        assert_eq!(t.insert(a, Tick(5), Tick(9)), Insert::Claimed);
+        assert!(!t.contains(b, Tick(5)));
+        assert_eq!(t.insert(b, Tick(5), Tick(9)), Insert::Claimed);
+        assert!(t.contains(a, Tick(5)) && t.contains(b, Tick(5)));
+    }
+
+    #[test]
+    fn reserved_tags_are_remapped() {
+        assert_eq!(Key::new(Fingerprint(0)).tag, 2);
+        assert_eq!(Key::new(Fingerprint(1)).tag, 3);
+    }
+
+    #[test]
+    fn full_table_reports_full_not_new() {
+        let t = Table::new(4, 1.0, false);
+        for n in 0..4 {
+            assert_eq!(t.insert(key(n), Tick(5), Tick(9)), Insert::Claimed);
+        }
+        assert_eq!(t.insert(key(100), Tick(5), Tick(9)), Insert::Full);
+        assert_eq!(t.insert(key(2), Tick(5), Tick(9)), Insert::Duplicate);
+    }
+
+    #[test]
+    fn freeze_drains_live_and_blocks_writers() {
+        let t = Table::new(64, 0.8, false);
+        for n in 0..10 {
+            t.insert(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
+        }
+        t.forget(key(9), Tick(5));
+        let mut kept = Vec::new();
+        let expired = t.freeze_and_drain(Tick(10), |k, e| kept.push((k, e)));
+        assert_eq!(kept.len(), 5);
+        assert_eq!(expired, 4);
+        assert_eq!(t.insert(key(1000), Tick(10), Tick(50)), Insert::Frozen);
+        // An expired key cannot be revived in a frozen table either.
+        assert_eq!(t.insert(key(0), Tick(10), Tick(50)), Insert::Frozen);
+        // Live keys still answer.
+        assert_eq!(t.insert(key(5), Tick(10), Tick(50)), Insert::Duplicate);
+        assert!(t.contains(key(5), Tick(10)));
+        assert_eq!(t.forget(key(5), Tick(10)), Forget::Frozen);
+    }
+}
