@@ -352,7 +352,12 @@ impl Engine {
     }
 
     #[inline]
-    fn insert_fingerprint(&self, fp: Fingerprint, ttl: Duration, guard: &epoch::Guard) -> Result<Verdict> {
+    fn insert_fingerprint(
+        &self,
+        fp: Fingerprint,
+        ttl: Duration,
+        guard: &epoch::Guard,
+    ) -> Result<Verdict> {
         let now = self.inner.now();
         self.insert_at(fp, now, ttl, guard)
     }
@@ -464,9 +469,7 @@ impl Engine {
         if self.inner.ttl.is_zero() {
             return false;
         }
-        self.inner
-            .set
-            .contains(fp, self.inner.now(), &epoch::pin())
+        self.inner.set.contains(fp, self.inner.now(), &epoch::pin())
     }
 
     /// Remove the mark of `id`, so its next check is `New`. Returns whether

@@ -36,7 +36,9 @@ impl Counters {
             .saturating_mul(2)
             .next_power_of_two();
         Counters {
-            stripes: (0..n).map(|_| CachePadded::new(Stripe::default())).collect(),
+            stripes: (0..n)
+                .map(|_| CachePadded::new(Stripe::default()))
+                .collect(),
         }
     }
 

@@ -186,10 +186,7 @@ fn invalid_ids_are_rejected_and_counted_never_marked() {
 
 #[test]
 fn zero_ttl_disables_dedup() {
-    let engine = Engine::builder()
-        .ttl(Duration::ZERO)
-        .build()
-        .unwrap();
+    let engine = Engine::builder().ttl(Duration::ZERO).build().unwrap();
     assert_eq!(engine.check_and_insert("x").unwrap(), Verdict::New);
     assert_eq!(engine.check_and_insert("x").unwrap(), Verdict::New);
     assert!(!engine.contains("x").unwrap());
@@ -214,7 +211,10 @@ fn expiry_reclaims_memory_and_counts() {
     let clock = Arc::new(ManualClock::new(START));
     let engine = engine(&clock, 4);
     for i in 0..10_000u32 {
-        assert_eq!(engine.check_and_insert(i.to_le_bytes()).unwrap(), Verdict::New);
+        assert_eq!(
+            engine.check_and_insert(i.to_le_bytes()).unwrap(),
+            Verdict::New
+        );
     }
     let full = engine.memory_bytes();
     assert_eq!(engine.len(), 10_000);
@@ -222,7 +222,11 @@ fn expiry_reclaims_memory_and_counts() {
     assert!(!engine.contains(0u32.to_le_bytes()).unwrap());
     assert_eq!(engine.expire_now(), 10_000);
     assert_eq!(engine.len(), 0);
-    assert!(engine.memory_bytes() < full / 10, "{} vs {full}", engine.memory_bytes());
+    assert!(
+        engine.memory_bytes() < full / 10,
+        "{} vs {full}",
+        engine.memory_bytes()
+    );
     assert_eq!(engine.stats().expired, 10_000);
     assert_eq!(engine.cleanup_expired(), 0);
 }
@@ -269,7 +273,11 @@ fn evict_oldest_evicts_the_oldest_and_counts() {
     let s = engine.stats();
     assert!(s.evicted > 0);
     assert_eq!(s.live_keys as u64, 1000 - s.evicted);
-    assert!(engine.memory_bytes() <= 4096 + 4096, "{}", engine.memory_bytes());
+    assert!(
+        engine.memory_bytes() <= 4096 + 4096,
+        "{}",
+        engine.memory_bytes()
+    );
     // The newest id survived; the first one did not.
     assert!(engine.contains(999u32.to_le_bytes()).unwrap());
     assert!(!engine.contains(0u32.to_le_bytes()).unwrap());

@@ -73,19 +73,28 @@ fn reference_matches_the_published_siphash24_128_vector() {
         0xa3, 0x81, 0x7f, 0x04, 0xba, 0x25, 0xa8, 0xe6, 0x6d, 0xf6, 0x72, 0x14, 0xc7, 0x55, 0x02,
         0x93,
     ];
-    assert_eq!(
-        siphash128_reference(2, 4, KEY, b"").to_le_bytes(),
-        expected
-    );
+    assert_eq!(siphash128_reference(2, 4, KEY, b"").to_le_bytes(), expected);
 }
 
 /// (secret, id, fingerprint as 32 hex digits of the little-endian u128)
 const GOLDEN: &[(&[u8; 16], &[u8], &str)] = &[
     (&KEY, b"a", "678aae375dd72f49a84f7c63de373c08"),
     (&KEY, b"order-42", "082185ce3f27632e52f4f3178cdf07cd"),
-    (&KEY, b"8c1f7a52-3b7e-4d0e-9a55-2f6c1d9e0b34", "de3844c23b4f7fe0adef4fbebcee7002"),
-    (&KEY, b"orders-7-1234567", "61dbe859972cc22152bb8827c407b770"),
-    (&[0xff; 16], b"\x00\x01\x02\xff non-utf8 id bytes", "fd37901bdbe71fc86bcd3c9d7e946fd4"),
+    (
+        &KEY,
+        b"8c1f7a52-3b7e-4d0e-9a55-2f6c1d9e0b34",
+        "de3844c23b4f7fe0adef4fbebcee7002",
+    ),
+    (
+        &KEY,
+        b"orders-7-1234567",
+        "61dbe859972cc22152bb8827c407b770",
+    ),
+    (
+        &[0xff; 16],
+        b"\x00\x01\x02\xff non-utf8 id bytes",
+        "fd37901bdbe71fc86bcd3c9d7e946fd4",
+    ),
 ];
 
 #[test]
@@ -93,7 +102,10 @@ fn golden_vectors() {
     for (i, (secret, id, hex)) in GOLDEN.iter().enumerate() {
         let fp = Fingerprinter::new(&Secret::from_bytes(**secret)).fingerprint(id);
         let reference = siphash128_reference(1, 3, **secret, id);
-        assert_eq!(fp.0, reference, "vector {i}: siphasher disagrees with the reference");
+        assert_eq!(
+            fp.0, reference,
+            "vector {i}: siphasher disagrees with the reference"
+        );
         assert_eq!(format!("{:032x}", fp.0), *hex, "vector {i} changed");
     }
 }

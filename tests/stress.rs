@@ -19,13 +19,19 @@ fn race(engine: Arc<Engine>, threads: usize, ids: u32, rounds: u32, batch: bool)
                     // Each thread walks a different permutation of the ids
                     // (7919 is prime and coprime to the id counts used).
                     let order: Vec<u32> = (0..ids)
-                        .map(|i| ((i as u64 * 7919 + t as u64 * 104_729 + r as u64) % ids as u64) as u32)
+                        .map(|i| {
+                            ((i as u64 * 7919 + t as u64 * 104_729 + r as u64) % ids as u64) as u32
+                        })
                         .collect();
                     if batch {
                         for chunk in order.chunks(64) {
-                            let keys: Vec<[u8; 4]> = chunk.iter().map(|i| i.to_le_bytes()).collect();
+                            let keys: Vec<[u8; 4]> =
+                                chunk.iter().map(|i| i.to_le_bytes()).collect();
                             let v = engine.check_and_insert_batch(&keys).unwrap();
-                            new.fetch_add(v.iter().filter(|v| v.is_new()).count(), Ordering::Relaxed);
+                            new.fetch_add(
+                                v.iter().filter(|v| v.is_new()).count(),
+                                Ordering::Relaxed,
+                            );
                         }
                     } else {
                         for i in order {

@@ -248,12 +248,12 @@ impl ShardedSet {
 
         let live = entries.len() as f64;
         let old_slots = old.slots() as f64;
-        let mut slots = if live > KEEP_SIZE_LOAD.0 * old_slots && live < KEEP_SIZE_LOAD.1 * old_slots
-        {
-            old.slots()
-        } else {
-            ((live / GROW_TO_LOAD) as usize).max(MIN_SLOTS)
-        };
+        let mut slots =
+            if live > KEEP_SIZE_LOAD.0 * old_slots && live < KEEP_SIZE_LOAD.1 * old_slots {
+                old.slots()
+            } else {
+                ((live / GROW_TO_LOAD) as usize).max(MIN_SLOTS)
+            };
         let mut at_limit = false;
         if let Some(limit) = self.slot_limit {
             if slots >= limit {

@@ -210,12 +210,10 @@ impl Table {
                     if word & MOVED != 0 {
                         return Insert::Frozen;
                     }
-                    match slot.word.compare_exchange(
-                        word,
-                        pack(key.check, expiry),
-                        AcqRel,
-                        Acquire,
-                    ) {
+                    match slot
+                        .word
+                        .compare_exchange(word, pack(key.check, expiry), AcqRel, Acquire)
+                    {
                         Ok(_) => {
                             return Insert::Revived {
                                 was_forgotten: old == Tick::DEAD,
@@ -304,10 +302,7 @@ impl Table {
         let mut expired = 0;
         for i in 0..self.slots {
             let slot = self.slot(i);
-            let tag = match slot
-                .tag
-                .compare_exchange(EMPTY, FROZEN, AcqRel, Acquire)
-            {
+            let tag = match slot.tag.compare_exchange(EMPTY, FROZEN, AcqRel, Acquire) {
                 Ok(_) => continue,
                 Err(tag) => tag,
             };
@@ -396,7 +391,9 @@ mod tests {
     use super::*;
 
     fn key(n: u128) -> Key {
-        Key::new(Fingerprint(n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)))
+        Key::new(Fingerprint(
+            n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+        ))
     }
 
     #[test]

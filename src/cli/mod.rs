@@ -1,0 +1,68 @@
+//! Command-line interface: argument parsing and dispatch.
+
+mod filter;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Have I already processed this event? Deduplicates event streams.
+#[derive(Parser, Debug)]
+#[command(name = "seen", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Copy stdin to stdout, keeping only lines whose id was not seen before.
+    Filter(filter::FilterArgs),
+}
+
+/// Exit code for bad input under `--on-invalid fail`, and for usage errors.
+pub(crate) const EXIT_INVALID_INPUT: u8 = 2;
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Filter(args) => filter::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("seen: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parse a TTL: a humantime duration (`90s`, `1h 30m`, `7d`) or bare seconds.
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "bad duration {s:?}: TTLs have one-second resolution"
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_parsing() {
+        assert_eq!(parse_ttl("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_ttl("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_ttl("0").unwrap(), Duration::ZERO);
+        assert!(parse_ttl("1.5s").is_err());
+        assert!(parse_ttl("soon").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! `seen filter` end to end, through the real binary.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn filter(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seen"))
+        .arg("filter")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Feed stdin from another thread: the child writes stdout as it reads,
+    // and a full pipe on both sides would deadlock.
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn plain_lines_keep_first_sightings_unchanged() {
+    let o = filter(&[], b"a\nb\r\na\nc\nb\r\n");
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), "a\nb\r\nc\n");
+    assert!(
+        stderr(&o).contains("read 5 lines, new 3, duplicate 2, invalid 0"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn composite_json_keys() {
+    let input = br#"{"s":{"lsn":1,"tx":7},"ts":1}
+{"s":{"lsn":1,"tx":7},"ts":2}
+{"s":{"lsn":1,"tx":8},"ts":3}
+"#;
+    let o = filter(&["--key", "/s/lsn", "--key", "/s/tx"], input);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o).lines().count(), 2);
+    assert!(stdout(&o).contains(r#""ts":1"#) && stdout(&o).contains(r#""ts":3"#));
+}
+
+#[test]
+fn invalid_lines_are_counted_and_reported_with_line_numbers() {
+    let mut input = b"{\"id\":1}\nnot json\n{\"other\":1}\n{\"id\":null}\n\xff\xfe\n".to_vec();
+    input.extend_from_slice(format!("{{\"id\":\"{}\"}}\n", "x".repeat(2000)).as_bytes());
+    input.extend_from_slice(b"{\"id\":1}\n");
+    for (mode, expect_out) in [("skip", 1), ("pass", 6)] {
+        let o = filter(&["--key", "/id", "--on-invalid", mode], &input);
+        assert!(o.status.success(), "{mode}");
+        assert_eq!(stdout(&o).lines().count(), expect_out, "{mode}");
+        let err = stderr(&o);
+        assert!(err.contains("line 2: malformed JSON"), "{err}");
+        assert!(err.contains("line 3: missing key /id"), "{err}");
+        assert!(err.contains("line 4: key /id is null"), "{err}");
+        assert!(err.contains("line 5: malformed JSON"), "{err}");
+        assert!(
+            err.contains("line 6: event id is 2000 bytes, over the limit of 1024"),
+            "{err}"
+        );
+        assert!(err.contains("invalid 5"), "{err}");
+    }
+}
+
+#[test]
+fn on_invalid_fail_stops_with_exit_code_2_after_writing_earlier_lines() {
+    let o = filter(
+        &["--key", "/id", "--on-invalid", "fail"],
+        b"{\"id\":1}\n{oops\n{\"id\":2}\n",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stdout(&o), "{\"id\":1}\n");
+    assert!(stderr(&o).contains("line 2: malformed JSON"));
+}
+
+#[test]
+fn non_utf8_plain_ids_are_fine_and_empty_lines_invalid() {
+    let o = filter(&[], b"\xff\xfe\n\n\xff\xfe\n");
+    assert!(o.status.success());
+    assert_eq!(o.stdout, b"\xff\xfe\n");
+    assert!(stderr(&o).contains("line 2: event id is empty"));
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let o = filter(&["--ttl", "soon"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad duration"), "{}", stderr(&o));
+    let o = filter(&["--key", "id"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("JSON pointer"), "{}", stderr(&o));
+}
+
+#[test]
+fn sample_has_about_a_quarter_duplicates() {
+    let sample = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/debezium-sample.ndjson"
+    ))
+    .unwrap();
+    let o = filter(
+        &[
+            "--key",
+            "/source/lsn",
+            "--key",
+            "/source/txId",
+            "--key",
+            "/source/table",
+        ],
+        &sample,
+    );
+    assert!(o.status.success());
+    let new = stdout(&o).lines().count();
+    let read = sample
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    let dup = read - new;
+    assert!(
+        (0.2..0.3).contains(&(dup as f64 / read as f64)),
+        "{dup} of {read}"
+    );
+}
