@@ -22,7 +22,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_ID_LEN: usize = 1024;
 /// Largest configurable id length.
 pub const MAX_ID_LEN_LIMIT: usize = 1 << 20;
-const DEFAULT_SHARDS: usize = 256;
+/// Few enough that tables reach huge-page size early, many more than cores.
+const DEFAULT_SHARDS: usize = 64;
 /// Ids hashed and prefetched together by the batch path.
 const BATCH_WINDOW: usize = 16;
 
@@ -117,7 +118,7 @@ impl EngineBuilder {
         self.ttl = ttl;
         self
     }
-    /// Number of shards (a power of two, 1..=65536; default 256).
+    /// Number of shards (a power of two, 1..=65536; default 64).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
         self

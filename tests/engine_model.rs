@@ -254,14 +254,23 @@ fn fingerprint_batch_matches_single_path() {
 }
 
 fn at_ceiling(policy: MemoryPolicy) -> (Engine, Vec<Result<Verdict, Error>>) {
+    let clock = Arc::new(ManualClock::new(START));
     let engine = Engine::builder()
         .shards(2)
+        .ttl(Duration::from_secs(3600))
         .memory_limit(4096, policy)
+        .clock(clock.clone())
         .background_sweep(false)
         .build()
         .unwrap();
+    // Time moves on, so "oldest" is well defined.
     let results = (0..1000u32)
-        .map(|i| engine.check_and_insert(i.to_le_bytes()))
+        .map(|i| {
+            if i % 10 == 0 {
+                clock.advance(Duration::from_secs(1));
+            }
+            engine.check_and_insert(i.to_le_bytes())
+        })
         .collect();
     (engine, results)
 }

@@ -83,7 +83,10 @@ impl ShardedSet {
         let slot_limit = config
             .memory_limit
             .map(|bytes| (bytes / table::SLOT_BYTES / config.shards).max(MIN_SLOTS));
-        let per_shard = config.capacity_hint.div_ceil(config.shards);
+        // Keys spread binomially over shards: leave four standard
+        // deviations of slack so a pre-sized shard does not grow anyway.
+        let mean = config.capacity_hint.div_ceil(config.shards);
+        let per_shard = mean + 4 * (mean as f64).sqrt() as usize;
         let mut slots = ((per_shard as f64 / MAX_LOAD) as usize + 1).max(MIN_SLOTS);
         let mut at_limit = false;
         if let Some(limit) = slot_limit {
