@@ -45,6 +45,8 @@ fn timed(threads: usize, iters: u64, op: &(dyn Fn(u64, u64) + Sync)) -> Duration
     start.elapsed()
 }
 
+type MakeIds = fn() -> Box<dyn Dedup>;
+type MakeHashed = fn() -> Box<dyn DedupHashed>;
 type Group<'a> = BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
 fn bench_ids(g: &mut Group<'_>, name: &str, set: &dyn Dedup) {
@@ -154,7 +156,7 @@ fn all(c: &mut Criterion) {
         fill_hashed(&engine);
         bench_hashed(&mut g, "seen-fingerprint", &engine);
     }
-    let string_peers: Vec<(&str, fn() -> Box<dyn Dedup>)> = vec![
+    let string_peers: Vec<(&str, MakeIds)> = vec![
         ("dashmap", || Box::new(DashString(Default::default()))),
         ("scc", || Box::new(SccString(Default::default()))),
         ("papaya", || Box::new(PapayaString(Default::default()))),
@@ -170,7 +172,7 @@ fn all(c: &mut Criterion) {
             bench_ids(&mut g, name, &*set);
         }
     }
-    let hashed_peers: Vec<(&str, fn() -> Box<dyn DedupHashed>)> = vec![
+    let hashed_peers: Vec<(&str, MakeHashed)> = vec![
         ("dashmap-u64", || Box::new(DashU64(Default::default()))),
         ("scc-u64", || Box::new(SccU64(Default::default()))),
         ("papaya-u64", || Box::new(PapayaU64(Default::default()))),
