@@ -9,11 +9,17 @@ use std::time::Duration;
 
 use crossbeam_epoch as epoch;
 
+use std::path::Path;
+
 use crate::fingerprint::{Fingerprint, Fingerprinter, Secret};
 use crate::set::{SetConfig, ShardedSet};
 use crate::stats::Counters;
 use crate::ttl::clock::{Clock, SystemClock};
 use crate::ttl::{SweepSchedule, Tick};
+use crate::wal::format::{Record, LOCK_FILE};
+use crate::wal::recovery::{self, RecoveryReport};
+use crate::wal::storage::{DirLock, DirStorage, Storage};
+use crate::wal::{Durability, RecoveryMode, Wal, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
 use crate::{Error, Result};
 
 /// Default retention of a mark.
@@ -80,11 +86,20 @@ pub struct Stats {
     pub evicted: u64,
     /// Entries removed by [`Engine::forget`].
     pub forgotten: u64,
+    /// Log segment files (durable engines).
+    pub log_segments: usize,
+    /// Log bytes in use (durable engines).
+    pub log_bytes: u64,
+    /// Log bytes written but not yet durable: the durability lag.
+    pub unsynced_bytes: u64,
 }
 
 /// Configures an [`Engine`]. Start with [`Engine::builder`].
-#[derive(Debug)]
 pub struct EngineBuilder {
+    durability: Durability,
+    recovery_mode: RecoveryMode,
+    segment_size: usize,
+    replay_progress: Option<Box<dyn Fn(usize, usize)>>,
     ttl: Duration,
     shards: usize,
     capacity: usize,
@@ -95,9 +110,24 @@ pub struct EngineBuilder {
     background_sweep: bool,
 }
 
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("ttl", &self.ttl)
+            .field("durability", &self.durability)
+            .field("recovery_mode", &self.recovery_mode)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for EngineBuilder {
     fn default() -> Self {
         EngineBuilder {
+            durability: Durability::default(),
+            recovery_mode: RecoveryMode::default(),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            replay_progress: None,
             ttl: DEFAULT_TTL,
             shards: DEFAULT_SHARDS,
             capacity: 0,
@@ -156,8 +186,30 @@ impl EngineBuilder {
         self
     }
 
-    /// Build an in-memory engine.
-    pub fn build(self) -> Result<Engine> {
+    /// When a mark is on disk (default [`Durability::Sync`]). Only matters
+    /// for engines made with [`EngineBuilder::open`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+    /// What to do with damage found on open (default
+    /// [`RecoveryMode::TolerateTornTail`]).
+    pub fn recovery_mode(mut self, mode: RecoveryMode) -> Self {
+        self.recovery_mode = mode;
+        self
+    }
+    /// Size of each preallocated log segment (default 64 MiB).
+    pub fn segment_size(mut self, bytes: usize) -> Self {
+        self.segment_size = bytes;
+        self
+    }
+    /// Called as `(segments done, segments total)` while the log replays.
+    pub fn replay_progress(mut self, f: impl Fn(usize, usize) + 'static) -> Self {
+        self.replay_progress = Some(Box::new(f));
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
         if !self.shards.is_power_of_two() || self.shards > 65536 {
             return Err(Error::Config(format!(
                 "shards must be a power of two in 1..=65536, got {}",
@@ -176,6 +228,36 @@ impl EngineBuilder {
                 self.ttl
             )));
         }
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) {
+            return Err(Error::Config(format!(
+                "segment_size must be in {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}, got {}",
+                self.segment_size
+            )));
+        }
+        if let Durability::Periodic(d) = self.durability {
+            if d.is_zero() {
+                return Err(Error::Config("periodic durability needs an interval above zero".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn set(&self) -> ShardedSet {
+        let (memory_limit, policy) = match self.memory_limit {
+            Some((bytes, policy)) => (Some(bytes), policy),
+            None => (None, MemoryPolicy::default()),
+        };
+        ShardedSet::new(SetConfig {
+            shards: self.shards,
+            capacity_hint: self.capacity,
+            memory_limit,
+            policy,
+        })
+    }
+
+    /// Build an in-memory engine (nothing survives the process).
+    pub fn build(self) -> Result<Engine> {
+        self.validate()?;
         let secret = match self.secret {
             Some(s) => s,
             None => Secret::random().map_err(|source| Error::Io {
@@ -183,35 +265,127 @@ impl EngineBuilder {
                 source,
             })?,
         };
-        let (memory_limit, policy) = match self.memory_limit {
-            Some((bytes, policy)) => (Some(bytes), policy),
-            None => (None, MemoryPolicy::default()),
+        let set = self.set();
+        self.finish(set, secret, None)
+    }
+
+    /// Open (or create) a durable engine in the state directory `dir`:
+    /// take its lock, replay its log, and log every new mark from now on.
+    pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
+        self.validate()?;
+        let dir = dir.as_ref();
+        let storage = DirStorage::open(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = DirLock::try_lock(&lock_path)
+            .map_err(|source| Error::Io {
+                path: lock_path.clone(),
+                source,
+            })?
+            .ok_or_else(|| Error::Locked {
+                path: dir.to_path_buf(),
+            })?;
+        self.open_storage(Arc::new(storage), Some(lock))
+    }
+
+    pub(crate) fn open_storage(
+        self,
+        storage: Arc<dyn Storage>,
+        lock: Option<DirLock>,
+    ) -> Result<Engine> {
+        self.validate()?;
+        let set = self.set();
+        let now = Tick::from_unix_secs(self.clock.now_unix_secs());
+        let guard = &epoch::pin();
+        let no_progress = |_: usize, _: usize| {};
+        let progress: &dyn Fn(usize, usize) = match &self.replay_progress {
+            Some(f) => f.as_ref(),
+            None => &no_progress,
         };
+        let opened = recovery::open(
+            storage,
+            &recovery::OpenOptions {
+                mode: self.recovery_mode,
+                segment_size: self.segment_size,
+                secret: self.secret,
+            },
+            now.to_unix_secs(),
+            |record| match record {
+                Record::Mark {
+                    fingerprint,
+                    expiry_unix_secs,
+                } => matches!(
+                    set.insert(
+                        Fingerprint(fingerprint),
+                        now,
+                        Tick::from_unix_secs(expiry_unix_secs),
+                        guard
+                    ),
+                    Ok(Verdict::New)
+                ),
+                Record::Forget { fingerprint, .. } => {
+                    set.forget(Fingerprint(fingerprint), now, guard).is_some()
+                }
+            },
+            progress,
+        )?;
+        let durable = Durable {
+            wal: opened.wal,
+            durability: self.durability,
+            report: opened.report,
+            _lock: lock,
+        };
+        self.finish(set, opened.secret, Some(durable))
+    }
+
+    fn finish(self, set: ShardedSet, secret: Secret, durable: Option<Durable>) -> Result<Engine> {
         let schedule = SweepSchedule::for_ttl(self.ttl);
+        let flush_every = match durable.as_ref().map(|d| d.durability) {
+            Some(Durability::Periodic(every)) => Some(every),
+            _ => None,
+        };
         let inner = Arc::new(Inner {
-            set: ShardedSet::new(SetConfig {
-                shards: self.shards,
-                capacity_hint: self.capacity,
-                memory_limit,
-                policy,
-            }),
+            set,
             fingerprinter: Fingerprinter::new(&secret),
             clock: self.clock,
             ttl: self.ttl,
             max_id_len: self.max_id_len,
             counters: Counters::new(),
             sweep_interval: schedule.interval,
+            durable,
         });
-        let sweeper = if self.background_sweep && self.ttl != Duration::ZERO {
-            Some(Sweeper::start(Arc::clone(&inner))?)
-        } else {
-            None
-        };
+        let mut background = Vec::new();
+        if self.background_sweep && self.ttl != Duration::ZERO {
+            let sweeper = Arc::clone(&inner);
+            let every = inner.sweep_interval;
+            background.push(Background::start("seen-sweeper", every, move || {
+                sweeper.sweep(every);
+            })?);
+        }
+        if let Some(every) = flush_every {
+            let flusher = Arc::clone(&inner);
+            background.push(Background::start("seen-flusher", every, move || {
+                if let Some(d) = &flusher.durable {
+                    // A failure poisons the log; callers see it on their next mark.
+                    let _ = d.wal.sync();
+                }
+            })?);
+        }
         Ok(Engine {
             inner,
-            _sweeper: sweeper,
+            _background: background,
         })
     }
+}
+
+/// The log side of a durable engine.
+struct Durable {
+    wal: Wal,
+    durability: Durability,
+    report: RecoveryReport,
+    _lock: Option<DirLock>,
 }
 
 struct Inner {
@@ -222,6 +396,7 @@ struct Inner {
     max_id_len: usize,
     counters: Counters,
     sweep_interval: Duration,
+    durable: Option<Durable>,
 }
 
 impl Inner {
@@ -231,47 +406,68 @@ impl Inner {
     }
 
     fn sweep(&self, min_interval: Duration) -> u64 {
-        self.set.sweep(self.now(), min_interval.as_secs() as u32)
+        let now = self.now();
+        let swept = self.set.sweep(now, min_interval.as_secs() as u32);
+        if let Some(d) = &self.durable {
+            d.wal.delete_expired(now.to_unix_secs());
+        }
+        swept
     }
 }
 
-/// Background expiry: sweeps due shards every `sweep_interval`; stops when
-/// the engine is dropped (the channel disconnects).
-struct Sweeper {
+/// A background thread running `tick` every `every` until the engine is
+/// dropped (the channel disconnects).
+struct Background {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Sweeper {
-    fn start(inner: Arc<Inner>) -> Result<Sweeper> {
+impl Background {
+    fn start(name: &str, every: Duration, tick: impl Fn() + Send + 'static) -> Result<Background> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("seen-sweeper".into())
+            .name(name.into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(inner.sweep_interval)
-                {
-                    inner.sweep(inner.sweep_interval);
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    tick();
                 }
             })
             .map_err(|source| Error::Io {
-                path: "seen-sweeper thread".into(),
+                path: name.into(),
                 source,
             })?;
-        Ok(Sweeper {
+        Ok(Background {
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 }
 
-impl Drop for Sweeper {
+impl Drop for Background {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// A mark decided in memory but not yet logged: see
+/// [`Engine::check_and_insert_deferred`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a pending mark is only durable once committed"]
+pub struct PendingMark {
+    fingerprint: Fingerprint,
+    expiry: Tick,
+}
+
+/// The answer of [`Engine::check_and_insert_deferred`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred {
+    /// New: marked in memory; pass the mark to [`Engine::commit`] to log it.
+    New(PendingMark),
+    /// Already marked.
+    Duplicate,
 }
 
 /// Answers "have I already processed this event?" for many threads at once.
@@ -285,7 +481,7 @@ impl Drop for Sweeper {
 /// ```
 pub struct Engine {
     inner: Arc<Inner>,
-    _sweeper: Option<Sweeper>,
+    _background: Vec<Background>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -360,15 +556,18 @@ impl Engine {
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
         let now = self.inner.now();
-        self.insert_at(fp, now, ttl, guard)
+        self.insert_at(fp, now, ttl, true, guard)
     }
 
+    /// `sync`: whether this call waits for durability itself (the batch
+    /// path waits once at the end instead).
     #[inline]
     fn insert_at(
         &self,
         fp: Fingerprint,
         now: Tick,
         ttl: Duration,
+        sync: bool,
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
         let stripe = self.inner.counters.stripe();
@@ -376,12 +575,26 @@ impl Engine {
             stripe.new.fetch_add(1, Relaxed);
             return Ok(Verdict::New);
         }
-        match self.inner.set.insert(fp, now, now.plus(ttl), guard) {
+        let expiry = now.plus(ttl);
+        match self.inner.set.insert(fp, now, expiry, guard) {
             Ok(Verdict::New) => {
+                if let Some(d) = &self.inner.durable {
+                    let pos = self.log(d, fp, expiry, now, guard)?;
+                    if sync && d.durability == Durability::Sync {
+                        d.wal.wait_durable(pos)?;
+                    }
+                }
                 stripe.new.fetch_add(1, Relaxed);
                 Ok(Verdict::New)
             }
             Ok(Verdict::Duplicate) => {
+                if let Some(d) = &self.inner.durable {
+                    // Under Sync, "duplicate" promises the earlier mark is on
+                    // disk: the caller will drop the event on our word.
+                    if sync && d.durability == Durability::Sync {
+                        d.wal.wait_durable(d.wal.published(guard))?;
+                    }
+                }
                 stripe.duplicate.fetch_add(1, Relaxed);
                 Ok(Verdict::Duplicate)
             }
@@ -390,6 +603,25 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// Append a mark for a key just marked in memory; if the log refuses,
+    /// take the in-memory mark back so a retry can succeed.
+    fn log(
+        &self,
+        d: &Durable,
+        fp: Fingerprint,
+        expiry: Tick,
+        now: Tick,
+        guard: &epoch::Guard,
+    ) -> Result<crate::wal::Position> {
+        let record = Record::Mark {
+            fingerprint: fp.0,
+            expiry_unix_secs: expiry.to_unix_secs(),
+        };
+        d.wal.append(&record, guard).inspect_err(|_| {
+            self.inner.set.forget(fp, now, guard);
+        })
     }
 
     /// Check and mark many ids; verdicts come back in order. All ids are
@@ -449,12 +681,92 @@ impl Engine {
                 n += 1;
             }
             if n == 0 {
-                return Ok(());
+                break;
             }
             for &fp in &window[..n] {
-                out.push(self.insert_at(fp, now, ttl, guard)?);
+                out.push(self.insert_at(fp, now, ttl, false, guard)?);
             }
         }
+        // One group commit for the whole batch.
+        self.wait_if_sync(guard)
+    }
+
+    fn wait_if_sync(&self, guard: &epoch::Guard) -> Result<()> {
+        match &self.inner.durable {
+            Some(d) if d.durability == Durability::Sync => d.wal.wait_durable(d.wal.published(guard)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Check and mark `id` in memory only, without logging it yet. For
+    /// callers that must order the log write after their own output (the
+    /// CLI writes a line, then logs its mark, so a crash can repeat the
+    /// line but never lose it). An uncommitted mark lives until the process
+    /// ends and is forgotten by a restart.
+    pub fn check_and_insert_deferred(&self, id: impl AsRef<[u8]>) -> Result<Deferred> {
+        let fp = self.fingerprint(id)?;
+        let now = self.inner.now();
+        let expiry = now.plus(self.inner.ttl);
+        let stripe = self.inner.counters.stripe();
+        if self.inner.ttl.is_zero() {
+            stripe.new.fetch_add(1, Relaxed);
+            return Ok(Deferred::New(PendingMark {
+                fingerprint: fp,
+                expiry,
+            }));
+        }
+        match self.inner.set.insert(fp, now, expiry, &epoch::pin()) {
+            Ok(Verdict::New) => {
+                stripe.new.fetch_add(1, Relaxed);
+                Ok(Deferred::New(PendingMark {
+                    fingerprint: fp,
+                    expiry,
+                }))
+            }
+            Ok(Verdict::Duplicate) => {
+                stripe.duplicate.fetch_add(1, Relaxed);
+                Ok(Deferred::Duplicate)
+            }
+            Err(e) => {
+                stripe.rejected.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Log pending marks, then wait per the engine's durability (one group
+    /// commit for all of them under `Sync`). A no-op for in-memory engines.
+    pub fn commit(&self, marks: &[PendingMark]) -> Result<()> {
+        let Some(d) = &self.inner.durable else {
+            return Ok(());
+        };
+        if self.inner.ttl.is_zero() {
+            return Ok(());
+        }
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        for m in marks {
+            self.log(d, m.fingerprint, m.expiry, now, guard)?;
+        }
+        self.wait_if_sync(guard)
+    }
+
+    /// Make every mark logged so far durable, whatever the durability mode.
+    pub fn sync(&self) -> Result<()> {
+        match &self.inner.durable {
+            Some(d) => d.wal.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// What opening the state directory found (durable engines only).
+    pub fn recovery_report(&self) -> Option<&RecoveryReport> {
+        self.inner.durable.as_ref().map(|d| &d.report)
+    }
+
+    /// The engine's durability, or `None` for an in-memory engine.
+    pub fn durability(&self) -> Option<Durability> {
+        self.inner.durable.as_ref().map(|d| d.durability)
     }
 
     /// Is `id` marked and not expired? Never blocks and never marks.
@@ -477,11 +789,23 @@ impl Engine {
     /// a live mark was removed.
     pub fn forget(&self, id: impl AsRef<[u8]>) -> Result<bool> {
         let fp = self.fingerprint(id)?;
-        let removed = self.inner.set.forget(fp, self.inner.now(), &epoch::pin());
-        if removed {
-            self.inner.counters.stripe().forgotten.fetch_add(1, Relaxed);
+        let guard = &epoch::pin();
+        let Some(expiry) = self.inner.set.forget(fp, self.inner.now(), guard) else {
+            return Ok(false);
+        };
+        if let Some(d) = &self.inner.durable {
+            // The forget record lives as long as the mark it cancels.
+            let record = Record::Forget {
+                fingerprint: fp.0,
+                expiry_unix_secs: expiry.to_unix_secs(),
+            };
+            let pos = d.wal.append(&record, guard)?;
+            if d.durability == Durability::Sync {
+                d.wal.wait_durable(pos)?;
+            }
         }
-        Ok(removed)
+        self.inner.counters.stripe().forgotten.fetch_add(1, Relaxed);
+        Ok(true)
     }
 
     /// Reclaim every expired entry now. Returns how many were reclaimed.
@@ -526,7 +850,7 @@ impl Engine {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let t = self.inner.counters.totals();
-        Stats {
+        let mut stats = Stats {
             live_keys: self.len(),
             memory_bytes: self.memory_bytes(),
             new: t.new,
@@ -536,6 +860,14 @@ impl Engine {
             expired: self.inner.set.reclaimed.expired.load(Relaxed),
             evicted: self.inner.set.reclaimed.evicted.load(Relaxed),
             forgotten: t.forgotten,
+            log_segments: 0,
+            log_bytes: 0,
+            unsynced_bytes: 0,
+        };
+        if let Some(d) = &self.inner.durable {
+            (stats.log_segments, stats.log_bytes) = d.wal.layout();
+            stats.unsynced_bytes = d.wal.unsynced_bytes();
         }
+        stats
     }
 }

@@ -30,6 +30,40 @@ pub enum Error {
     /// A builder or environment setting is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Another process (or another open in this process) holds the state
+    /// directory.
+    #[error("state directory {path} is in use by another process (lock held on its LOCK file)")]
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
+    /// Bytes on disk are not what `seen` wrote. Nothing was changed.
+    #[error("corruption in {file} at offset {offset}: {reason}")]
+    Corruption {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte offset of the damage.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file from a newer (or unknown) format version.
+    #[error("{file} has format version {version}, which this build of seen cannot read")]
+    UnsupportedVersion {
+        /// The file.
+        file: PathBuf,
+        /// Its format version.
+        version: u32,
+    },
+    /// An earlier write or sync of the log failed. The engine refuses all
+    /// further marks: after a failed fsync the state of the page cache is
+    /// unknown, and retrying as if nothing happened can lose data. Reopen
+    /// the store to recover from what is on disk.
+    #[error("the log is poisoned by an earlier failure ({reason}); reopen the store")]
+    Poisoned {
+        /// The original failure.
+        reason: String,
+    },
     /// An I/O error from the operating system.
     #[error("I/O error on {path}: {source}")]
     Io {

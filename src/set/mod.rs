@@ -200,18 +200,18 @@ impl ShardedSet {
         table.contains(Key::new(fp), now)
     }
 
-    /// Returns whether a live entry was forgotten.
-    pub(crate) fn forget(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> bool {
+    /// Forget a live entry; returns the expiry it had.
+    pub(crate) fn forget(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> Option<Tick> {
         let key = Key::new(fp);
         let shard = self.shard(fp);
         loop {
             let (_, table) = Self::current(shard, guard);
             match table.forget(key, now) {
-                Forget::Forgotten => {
+                Forget::Forgotten(expiry) => {
                     table.forgotten.fetch_add(1, Relaxed);
-                    return true;
+                    return Some(expiry);
                 }
-                Forget::Absent => return false,
+                Forget::Absent => return None,
                 Forget::Frozen => drop(shard.migration.lock()),
             }
         }

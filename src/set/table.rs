@@ -97,7 +97,8 @@ pub(crate) enum Insert {
 /// What [`Table::forget`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Forget {
-    Forgotten,
+    /// Was live until the given expiry.
+    Forgotten(Tick),
     Absent,
     Frozen,
 }
@@ -288,7 +289,7 @@ impl Table {
                         AcqRel,
                         Acquire,
                     ) {
-                        Ok(_) => return Forget::Forgotten,
+                        Ok(_) => return Forget::Forgotten(word_expiry(word)),
                         Err(actual) => word = actual,
                     }
                 }
@@ -540,7 +541,7 @@ mod tests {
         let k = key(7);
         assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
         t.insert(k, Tick(10), Tick(20));
-        assert_eq!(t.forget(k, Tick(10)), Forget::Forgotten);
+        assert_eq!(t.forget(k, Tick(10)), Forget::Forgotten(Tick(20)));
         assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
         assert!(!t.contains(k, Tick(10)));
         assert_eq!(

@@ -1,0 +1,290 @@
+//! Opening a log: validate the store header, replay every segment in
+//! order, deal with damage by the chosen [`RecoveryMode`], and hand back a
+//! log ready for appending. Recovery is idempotent: it only ever zeroes a
+//! torn tail (then syncs), so opening N times — or crashing while opening —
+//! ends in the same state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::format::{
+    self, DecodeError, Record, StoreHeader, FORMAT_VERSION, MARK_RECORD_LEN, STORE_FILE,
+};
+use super::reader::{scan_segment, ScanError};
+use super::storage::Storage;
+use super::{RecoveryMode, Sealed, Segment, Wal};
+use crate::{Error, Result, Secret};
+
+/// What opening a store found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// `true` if the store was created by this open.
+    pub created: bool,
+    /// Segment files read.
+    pub segments: usize,
+    /// Log bytes scanned.
+    pub bytes_scanned: u64,
+    /// Records read.
+    pub records: u64,
+    /// Marks loaded into memory.
+    pub replayed: u64,
+    /// Records skipped because they had expired.
+    pub expired: u64,
+    /// Forget records applied.
+    pub forgotten: u64,
+    /// Bytes cut from a torn tail (zeroed and synced).
+    pub truncated_bytes: u64,
+    /// Valid-looking records found beyond a torn tail, and dropped with it.
+    /// They were never acknowledged as durable (a sync covers only a
+    /// contiguous prefix).
+    pub dropped_records: u64,
+    /// Damaged byte ranges skipped under [`RecoveryMode::Salvage`]:
+    /// (file, offset, length).
+    pub salvaged: Vec<(PathBuf, u64, u64)>,
+    /// Segments skipped whole under salvage (unreadable header).
+    pub skipped_segments: Vec<PathBuf>,
+    /// Sealed segments deleted because every record in them had expired.
+    pub deleted_segments: usize,
+    /// Files in the directory that are not part of a store (left alone).
+    pub stray_files: Vec<String>,
+    /// Time spent.
+    pub duration: Duration,
+}
+
+pub(crate) struct OpenOptions {
+    pub mode: RecoveryMode,
+    pub segment_size: usize,
+    pub secret: Option<Secret>,
+}
+
+pub(crate) struct Opened {
+    pub wal: Wal,
+    pub secret: Secret,
+    pub report: RecoveryReport,
+}
+
+fn corruption(storage: &dyn Storage, name: &str, offset: u64, reason: impl Into<String>) -> Error {
+    Error::Corruption {
+        file: storage.path(name),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
+    let path = storage.path(name);
+    move |source| Error::Io {
+        path: path.clone(),
+        source,
+    }
+}
+
+/// Open (or create) the log in `storage`, feeding every live record to `apply`.
+pub(crate) fn open(
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    now_unix: u64,
+    mut apply: impl FnMut(Record) -> bool,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Opened> {
+    let started = Instant::now();
+    let st = &*storage;
+    let mut report = RecoveryReport::default();
+    let names = st.list().map_err(io(st, "."))?;
+    let mut segments = Vec::new();
+    let mut has_store = false;
+    for name in names {
+        if name == STORE_FILE {
+            has_store = true;
+        } else if name == format::LOCK_FILE {
+        } else if let Some(seq) = format::parse_segment_file_name(&name) {
+            segments.push((seq, name));
+        } else if name.ends_with(".tmp") {
+            // A file whose creation a crash interrupted: never renamed into
+            // place, so never part of the store.
+            st.remove(&name).map_err(io(st, &name))?;
+        } else {
+            report.stray_files.push(name);
+        }
+    }
+    segments.sort();
+
+    let header = if has_store {
+        let bytes = st.read(STORE_FILE).map_err(io(st, STORE_FILE))?;
+        match StoreHeader::decode(&bytes) {
+            Ok(h) => h,
+            Err(DecodeError::UnsupportedVersion(version)) => {
+                return Err(Error::UnsupportedVersion {
+                    file: st.path(STORE_FILE),
+                    version,
+                })
+            }
+            Err(e) => return Err(corruption(st, STORE_FILE, 0, e.to_string())),
+        }
+    } else if let Some((_, first)) = segments.first() {
+        return Err(corruption(
+            st,
+            first,
+            0,
+            "log segments exist but the store header (STORE) is missing",
+        ));
+    } else {
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|e| Error::Io {
+            path: "getrandom".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let secret = match opts.secret {
+            Some(s) => s,
+            None => Secret::random().map_err(io(st, "getrandom"))?,
+        };
+        let h = StoreHeader {
+            version: FORMAT_VERSION,
+            store_id: u128::from_le_bytes(id),
+            secret: *secret.as_bytes(),
+            created_unix_secs: now_unix,
+        };
+        st.write_atomic(STORE_FILE, &h.encode())
+            .map_err(io(st, STORE_FILE))?;
+        report.created = true;
+        h
+    };
+    let secret = Secret::from_bytes(header.secret);
+    if let Some(given) = opts.secret {
+        if given != secret {
+            return Err(Error::Config(
+                "the given fingerprint secret differs from the one in the store header".into(),
+            ));
+        }
+    }
+
+    let salvage = opts.mode == RecoveryMode::Salvage;
+    let mut sealed = Vec::new();
+    let mut last: Option<(u64, String, usize, u64, Option<(usize, usize)>, bool)> = None;
+    let total = segments.len();
+    for (i, (seq, name)) in segments.iter().enumerate() {
+        progress(i, total);
+        let is_last = i + 1 == total;
+        let bytes = st.read(name).map_err(io(st, name))?;
+        report.segments += 1;
+        report.bytes_scanned += bytes.len() as u64;
+        let scan = match scan_segment(&bytes, header.store_id, *seq, salvage, |_, r| {
+            report.records += 1;
+            let (expired, forget) = match r {
+                Record::Mark {
+                    expiry_unix_secs, ..
+                } => (expiry_unix_secs <= now_unix, false),
+                Record::Forget {
+                    expiry_unix_secs, ..
+                } => (expiry_unix_secs <= now_unix, true),
+            };
+            if expired {
+                report.expired += 1;
+            } else if apply(r) {
+                if forget {
+                    report.forgotten += 1;
+                } else {
+                    report.replayed += 1;
+                }
+            }
+        }) {
+            Ok(scan) => scan,
+            Err(ScanError::Header(DecodeError::UnsupportedVersion(version))) => {
+                return Err(Error::UnsupportedVersion {
+                    file: st.path(name),
+                    version,
+                })
+            }
+            Err(e) if salvage => {
+                let _ = e;
+                report.skipped_segments.push(st.path(name));
+                continue;
+            }
+            Err(e) => return Err(corruption(st, name, 0, e.to_string())),
+        };
+        let mut cut = None;
+        let mut damaged = false;
+        if let Some(d) = &scan.damage {
+            match opts.mode {
+                RecoveryMode::Salvage => {
+                    damaged = true;
+                    for &(off, len) in &d.skipped {
+                        report
+                            .salvaged
+                            .push((st.path(name), off as u64, len as u64));
+                    }
+                }
+                RecoveryMode::TolerateTornTail if is_last => {
+                    cut = Some((d.offset, d.nonzero_end));
+                    report.truncated_bytes += (d.nonzero_end - d.offset) as u64;
+                    report.dropped_records += d.valid_after;
+                }
+                _ => {
+                    let where_ = if is_last { "log tail" } else { "sealed segment" };
+                    return Err(corruption(
+                        st,
+                        name,
+                        d.offset as u64,
+                        format!("{} in {where_}", d.reason),
+                    ));
+                }
+            }
+        }
+        if is_last {
+            last = Some((*seq, name.clone(), scan.end, scan.max_expiry, cut, damaged || bytes.len() < scan.end + MARK_RECORD_LEN));
+        } else {
+            sealed.push(Sealed {
+                name: name.clone(),
+                bytes: scan.end as u64,
+                max_expiry: scan.max_expiry,
+            });
+        }
+    }
+    progress(total, total);
+
+    let (active, next_seq) = match last {
+        Some((seq, name, end, max_expiry, cut, full_or_damaged)) => {
+            let file = st.open_segment(&name).map_err(io(st, &name))?;
+            if let Some((from, to)) = cut {
+                let to = to.min(file.len());
+                if to > from {
+                    file.write_at(from, &vec![0u8; to - from]);
+                    file.sync(from, to - from).map_err(io(st, &name))?;
+                }
+            }
+            if full_or_damaged {
+                // Keep it sealed as it is; append to a fresh segment.
+                sealed.push(Sealed {
+                    name,
+                    bytes: end as u64,
+                    max_expiry,
+                });
+                (None, seq + 1)
+            } else {
+                (Some(Segment::new(seq, file, header.store_id, end, max_expiry)), seq + 1)
+            }
+        }
+        None => (None, 1),
+    };
+    let active = match active {
+        Some(seg) => seg,
+        None => super::create_segment(st, header.store_id, opts.segment_size, next_seq)
+            .map_err(io(st, &format::segment_file_name(next_seq)))?,
+    };
+    let wal = Wal::new(
+        Arc::clone(&storage),
+        header.store_id,
+        opts.segment_size,
+        active,
+        sealed,
+    );
+    report.deleted_segments = wal.delete_expired(now_unix);
+    report.duration = started.elapsed();
+    Ok(Opened {
+        wal,
+        secret,
+        report,
+    })
+}

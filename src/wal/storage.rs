@@ -1,0 +1,270 @@
+//! All file I/O of the log goes through [`Storage`] and [`SegmentFile`], so
+//! tests can swap in a backend that keeps a "live" and a "durable" image and
+//! crashes between them (`sim.rs`), and so failpoints have one place to live.
+//!
+//! The real backend, [`DirStorage`], keeps segments as preallocated files
+//! mapped with memmap2. Preallocation (`posix_fallocate`) matters: writing
+//! through a mapping into a sparse file on a full disk is a SIGBUS, while a
+//! failed preallocation is an ordinary error at segment creation.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapRaw;
+
+/// A directory of named files.
+pub(crate) trait Storage: Send + Sync + 'static {
+    /// File names in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// A whole file's bytes.
+    fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Create or replace `name` atomically and durably (write a temporary
+    /// file, sync it, rename it over, sync the directory).
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
+    /// Create a new preallocated segment of `size` bytes starting with
+    /// `header`, durably, and open it for appending.
+    fn create_segment(
+        &self,
+        name: &str,
+        size: usize,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>>;
+    /// Open an existing segment for appending.
+    fn open_segment(&self, name: &str) -> io::Result<Box<dyn SegmentFile>>;
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// For error messages.
+    fn path(&self, name: &str) -> PathBuf;
+}
+
+/// One segment, open for appending. Writers hold disjoint reserved ranges.
+pub(crate) trait SegmentFile: Send + Sync {
+    fn len(&self) -> usize;
+    /// Copy `bytes` to `offset`. The caller owns `offset..offset + len`
+    /// exclusively (it reserved it) and it is in bounds.
+    fn write_at(&self, offset: usize, bytes: &[u8]);
+    /// Make `offset..offset + len` durable.
+    fn sync(&self, offset: usize, len: usize) -> io::Result<()>;
+}
+
+/// Segments as mapped, preallocated files in a directory.
+pub(crate) struct DirStorage {
+    dir: PathBuf,
+}
+
+impl DirStorage {
+    /// Use `dir`, creating it (mode 0700) if needed.
+    pub(crate) fn open(dir: &Path) -> io::Result<DirStorage> {
+        if !dir.exists() {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        Ok(DirStorage {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        fail::fail_point!("wal::sync_dir", |_| Err(io::Error::other(
+            "failpoint wal::sync_dir"
+        )));
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn new_file(path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+    }
+}
+
+fn preallocate(file: &File, size: usize) -> io::Result<()> {
+    fail::fail_point!("wal::preallocate", |_| Err(io::Error::from_raw_os_error(
+        libc::ENOSPC
+    )));
+    use std::os::fd::AsRawFd;
+    #[allow(unsafe_code)]
+    // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else if rc == libc::EOPNOTSUPP || rc == libc::EINVAL {
+        // File systems without fallocate: write real zeros instead, so the
+        // blocks exist before the mapping touches them.
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < size {
+            let n = zeros.len().min(size - at);
+            file.write_all_at(&zeros[..n], at as u64)?;
+            at += n;
+        }
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+impl Storage for DirStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            } else {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        fs::read(self.dir.join(name))
+    }
+
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let mut f = Self::new_file(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fail::fail_point!("wal::rename", |_| Err(io::Error::other(
+            "failpoint wal::rename"
+        )));
+        fs::rename(&tmp, self.dir.join(name))?;
+        self.sync_dir()
+    }
+
+    fn create_segment(
+        &self,
+        name: &str,
+        size: usize,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let file = Self::new_file(&tmp)?;
+        let result = (|| {
+            preallocate(&file, size)?;
+            fail::fail_point!("wal::write", |_| Err(io::Error::other(
+                "failpoint wal::write"
+            )));
+            file.write_all_at(header, 0)?;
+            file.sync_all()?;
+            fail::fail_point!("wal::rename", |_| Err(io::Error::other(
+                "failpoint wal::rename"
+            )));
+            fs::rename(&tmp, self.dir.join(name))?;
+            self.sync_dir()
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(Box::new(MappedSegment::new(file)?))
+    }
+
+    fn open_segment(&self, name: &str) -> io::Result<Box<dyn SegmentFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(name))?;
+        // Keep 0600 even if someone loosened it.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        Ok(Box::new(MappedSegment::new(file)?))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        fs::remove_file(self.dir.join(name))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// A segment file mapped read-write.
+struct MappedSegment {
+    map: MmapRaw,
+    _file: File,
+}
+
+impl MappedSegment {
+    fn new(file: File) -> io::Result<MappedSegment> {
+        let map = MmapRaw::map_raw(&file)?;
+        Ok(MappedSegment { map, _file: file })
+    }
+}
+
+impl SegmentFile for MappedSegment {
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    #[allow(unsafe_code)]
+    fn write_at(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.map.len()),
+            "write past the end of a segment"
+        );
+        // SAFETY: in bounds (checked above) of a live mapping we own; the
+        // caller reserved this range exclusively, so no other thread writes
+        // it, and nothing reads it through a Rust reference (recovery reads
+        // files, not this mapping). The file was preallocated, so the store
+        // cannot fault for lack of disk blocks.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(offset),
+                bytes.len(),
+            );
+        }
+    }
+
+    fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
+        fail::fail_point!("wal::msync", |_| Err(io::Error::other(
+            "failpoint wal::msync"
+        )));
+        self.map.flush_range(offset, len)
+    }
+}
+
+/// An exclusive `flock` on the directory's LOCK file, held while a store is
+/// open. A second process — or a second open in this process, since flock
+/// locks belong to the open file description — is refused.
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// `Ok(None)` if someone else holds the lock.
+    pub(crate) fn try_lock(path: &Path) -> io::Result<Option<DirLock>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        use std::os::fd::AsRawFd;
+        #[allow(unsafe_code)]
+        // SAFETY: a plain syscall on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            Ok(Some(DirLock { _file: file }))
+        } else {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}

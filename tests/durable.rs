@@ -1,0 +1,315 @@
+//! The durable engine: state directory, reopen, lock, recovery modes, bad files.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use seen::{Durability, Engine, Error, ManualClock, RecoveryMode, Verdict};
+
+const START: u64 = 1_800_000_000;
+const SEG: usize = 4096;
+
+fn open_with(dir: &Path, clock: &Arc<ManualClock>, mode: RecoveryMode) -> seen::Result<Engine> {
+    Engine::builder()
+        .ttl(Duration::from_secs(100))
+        .segment_size(SEG)
+        .durability(Durability::Sync)
+        .recovery_mode(mode)
+        .clock(clock.clone())
+        .background_sweep(false)
+        .open(dir)
+}
+
+fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
+    open_with(dir, clock, RecoveryMode::TolerateTornTail).unwrap()
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn marks_survive_reopen_across_many_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    {
+        let e = open(dir.path(), &clock);
+        assert!(e.recovery_report().unwrap().created);
+        for i in 0..1000u32 {
+            assert_eq!(e.check_and_insert(i.to_le_bytes()).unwrap(), Verdict::New);
+        }
+        assert!(e.forget(7u32.to_le_bytes()).unwrap());
+        let batch: Vec<[u8; 4]> = (1000..1500u32).map(|i| i.to_le_bytes()).collect();
+        assert!(e
+            .check_and_insert_batch(&batch)
+            .unwrap()
+            .iter()
+            .all(|v| v.is_new()));
+    }
+    assert!(segments(dir.path()).len() > 5, "small segments roll over");
+    for _ in 0..3 {
+        // Reopening is idempotent.
+        let e = open(dir.path(), &clock);
+        let r = e.recovery_report().unwrap().clone();
+        assert!(!r.created);
+        assert_eq!(r.replayed, 1500);
+        assert_eq!(r.forgotten, 1);
+        assert_eq!(r.truncated_bytes, 0);
+        assert_eq!(e.len(), 1499);
+        assert!(!e.contains(7u32.to_le_bytes()).unwrap());
+        for i in (0..1500u32).filter(|&i| i != 7) {
+            assert!(e.contains(i.to_le_bytes()).unwrap(), "{i}");
+        }
+        assert_eq!(
+            e.check_and_insert(3u32.to_le_bytes()).unwrap(),
+            Verdict::Duplicate
+        );
+    }
+}
+
+#[test]
+fn second_open_is_refused_while_the_first_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let e = open(dir.path(), &clock);
+    match open_with(dir.path(), &clock, RecoveryMode::TolerateTornTail) {
+        Err(Error::Locked { path }) => assert_eq!(path, dir.path()),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    drop(e);
+    open(dir.path(), &clock);
+}
+
+#[test]
+fn files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let clock = Arc::new(ManualClock::new(START));
+    let e = open(&state, &clock);
+    e.check_and_insert("x").unwrap();
+    assert_eq!(
+        fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for f in fs::read_dir(&state).unwrap() {
+        let f = f.unwrap();
+        assert_eq!(
+            f.metadata().unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{:?}",
+            f.path()
+        );
+    }
+}
+
+#[test]
+fn expired_marks_are_not_replayed_and_their_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    {
+        let e = open(dir.path(), &clock);
+        for i in 0..500u32 {
+            e.check_and_insert(i.to_le_bytes()).unwrap();
+        }
+        clock.advance(Duration::from_secs(50));
+        for i in 500..600u32 {
+            e.check_and_insert(i.to_le_bytes()).unwrap();
+        }
+    }
+    let before = segments(dir.path()).len();
+    clock.advance(Duration::from_secs(60)); // the first 500 expired
+    let e = open(dir.path(), &clock);
+    let r = e.recovery_report().unwrap();
+    assert_eq!(r.replayed, 100);
+    assert_eq!(r.expired, 500);
+    assert!(r.deleted_segments > 0);
+    assert!(segments(dir.path()).len() < before);
+    assert_eq!(e.len(), 100);
+    assert!(!e.contains(1u32.to_le_bytes()).unwrap());
+    assert!(e.contains(550u32.to_le_bytes()).unwrap());
+}
+
+#[test]
+fn secret_lives_in_the_store_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let fp = open(dir.path(), &clock).fingerprint("a").unwrap();
+    assert_eq!(open(dir.path(), &clock).fingerprint("a").unwrap(), fp);
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(open(other.path(), &clock).fingerprint("a").unwrap(), fp);
+    let wrong = Engine::builder()
+        .secret(seen::Secret::from_bytes([1; 16]))
+        .open(dir.path());
+    assert!(matches!(wrong, Err(Error::Config(_))), "{wrong:?}");
+}
+
+fn last_segment_with_marks(dir: &Path, clock: &Arc<ManualClock>, n: u32) -> std::path::PathBuf {
+    let e = open(dir, clock);
+    for i in 0..n {
+        e.check_and_insert(i.to_le_bytes()).unwrap();
+    }
+    drop(e);
+    segments(dir).pop().unwrap()
+}
+
+#[test]
+fn torn_tail_is_cut_by_default_and_refused_under_absolute_consistency() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let seg = last_segment_with_marks(dir.path(), &clock, 20);
+    // Tear the last record of the last segment.
+    let mut b = fs::read(&seg).unwrap();
+    let last = 64 + 19 * 32;
+    b[last + 12] ^= 0xff;
+    fs::write(&seg, &b).unwrap();
+
+    let err = open_with(dir.path(), &clock, RecoveryMode::AbsoluteConsistency).unwrap_err();
+    match err {
+        Error::Corruption { file, offset, .. } => {
+            assert_eq!(file, seg);
+            assert_eq!(offset, last as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = open(dir.path(), &clock);
+    let r = e.recovery_report().unwrap();
+    assert_eq!(r.replayed, 19);
+    assert_eq!(r.truncated_bytes, 32);
+    assert!(!e.contains(19u32.to_le_bytes()).unwrap());
+    assert!(e.contains(18u32.to_le_bytes()).unwrap());
+    drop(e);
+    // The cut was made durable: now the log is clean even for the strict mode.
+    let e = open_with(dir.path(), &clock, RecoveryMode::AbsoluteConsistency).unwrap();
+    assert_eq!(e.len(), 19);
+}
+
+#[test]
+fn garbage_in_a_sealed_segment_is_an_error_unless_salvaging() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    last_segment_with_marks(dir.path(), &clock, 500);
+    let first = segments(dir.path()).remove(0);
+    let mut b = fs::read(&first).unwrap();
+    b[64 + 5 * 32 + 3] ^= 0x55;
+    fs::write(&first, &b).unwrap();
+    let err = open_with(dir.path(), &clock, RecoveryMode::TolerateTornTail).unwrap_err();
+    assert!(
+        matches!(&err, Error::Corruption { file, offset, .. } if *file == first && *offset == 64 + 5 * 32),
+        "{err:?}"
+    );
+    let e = open_with(dir.path(), &clock, RecoveryMode::Salvage).unwrap();
+    let r = e.recovery_report().unwrap();
+    assert_eq!(r.salvaged, vec![(first.clone(), 64 + 5 * 32, 32)]);
+    assert_eq!(r.replayed, 499);
+    assert_eq!(e.len(), 499);
+}
+
+#[test]
+fn bad_store_files_are_clear_errors() {
+    let clock = Arc::new(ManualClock::new(START));
+    // Truncated store header.
+    let dir = tempfile::tempdir().unwrap();
+    last_segment_with_marks(dir.path(), &clock, 3);
+    let store = dir.path().join("STORE");
+    let b = fs::read(&store).unwrap();
+    fs::write(&store, &b[..20]).unwrap();
+    assert!(matches!(
+        open_with(dir.path(), &clock, RecoveryMode::default()),
+        Err(Error::Corruption { .. })
+    ));
+    // Wrong magic.
+    let mut w = b.clone();
+    w[0] = b'X';
+    fs::write(&store, &w).unwrap();
+    let err = open_with(dir.path(), &clock, RecoveryMode::default()).unwrap_err();
+    assert!(err.to_string().contains("magic"), "{err}");
+    // A future format version (with a valid checksum).
+    let mut f = b.clone();
+    f[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32c_of(&f[..60]);
+    f[60..64].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&store, &f).unwrap();
+    assert!(matches!(
+        open_with(dir.path(), &clock, RecoveryMode::Salvage),
+        Err(Error::UnsupportedVersion { version: 2, .. })
+    ));
+    // Missing store header with segments present.
+    fs::remove_file(&store).unwrap();
+    let err = open_with(dir.path(), &clock, RecoveryMode::default()).unwrap_err();
+    assert!(err.to_string().contains("STORE"), "{err}");
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    // Bitwise CRC32C (Castagnoli), independent of the crate under test.
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn zero_filled_tail_and_stray_files_are_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    last_segment_with_marks(dir.path(), &clock, 5);
+    fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+    fs::write(dir.path().join("wal-0000000000000099.seg.tmp"), b"half").unwrap();
+    let e = open(dir.path(), &clock);
+    let r = e.recovery_report().unwrap();
+    assert_eq!(r.replayed, 5);
+    assert_eq!(r.stray_files, vec!["notes.txt".to_owned()]);
+    assert!(!dir.path().join("wal-0000000000000099.seg.tmp").exists());
+    assert!(dir.path().join("notes.txt").exists());
+}
+
+#[test]
+fn garbage_segment_from_another_store_is_refused() {
+    let clock = Arc::new(ManualClock::new(START));
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let seg = last_segment_with_marks(a.path(), &clock, 3);
+    last_segment_with_marks(b.path(), &clock, 3);
+    fs::copy(&seg, b.path().join("wal-0000000000000005.seg")).unwrap();
+    let err = open_with(b.path(), &clock, RecoveryMode::default()).unwrap_err();
+    assert!(err.to_string().contains("another store"), "{err}");
+}
+
+#[test]
+fn durability_modes_all_persist_on_clean_shutdown() {
+    for d in [
+        Durability::None,
+        Durability::Periodic(Duration::from_millis(5)),
+        Durability::Sync,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = Engine::builder()
+                .durability(d)
+                .segment_size(SEG)
+                .open(dir.path())
+                .unwrap();
+            for i in 0..300u32 {
+                e.check_and_insert(i.to_le_bytes()).unwrap();
+            }
+            assert_eq!(e.durability(), Some(d));
+        }
+        let e = Engine::builder().open(dir.path()).unwrap();
+        assert_eq!(e.len(), 300, "{d:?}");
+    }
+}
