@@ -13,11 +13,11 @@ pub mod ttl;
 pub mod wal;
 
 pub use engine::{
-    Deferred, Engine, EngineBuilder, MemoryPolicy, PendingMark, Stats, Verdict,
-    DEFAULT_MAX_ID_LEN, DEFAULT_TTL, MAX_ID_LEN_LIMIT,
+    Deferred, Engine, EngineBuilder, MemoryPolicy, PendingMark, Stats, Verdict, DEFAULT_MAX_ID_LEN,
+    DEFAULT_TTL, MAX_ID_LEN_LIMIT,
 };
-pub use wal::recovery::RecoveryReport;
-pub use wal::{Durability, RecoveryMode};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, Fingerprinter, Secret};
 pub use ttl::clock::{Clock, ManualClock, SystemClock};
+pub use wal::recovery::RecoveryReport;
+pub use wal::{Durability, RecoveryMode};

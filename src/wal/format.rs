@@ -219,8 +219,14 @@ pub fn record_seed(store_id: u128, seq: u64) -> u32 {
 /// One decoded record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
-    Mark { fingerprint: u128, expiry_unix_secs: u64 },
-    Forget { fingerprint: u128, expiry_unix_secs: u64 },
+    Mark {
+        fingerprint: u128,
+        expiry_unix_secs: u64,
+    },
+    Forget {
+        fingerprint: u128,
+        expiry_unix_secs: u64,
+    },
 }
 
 /// Record layout (8-byte aligned, 32 bytes for both v1 kinds):
@@ -376,14 +382,20 @@ mod tests {
         for i in 0..32 {
             let mut bad = b;
             bad[i] ^= 0x10;
-            assert!(matches!(decode_record(seed, &bad), Decoded::Invalid(_)), "byte {i}");
+            assert!(
+                matches!(decode_record(seed, &bad), Decoded::Invalid(_)),
+                "byte {i}"
+            );
         }
     }
 
     #[test]
     fn segment_names() {
         assert_eq!(segment_file_name(255), "wal-00000000000000ff.seg");
-        assert_eq!(parse_segment_file_name("wal-00000000000000ff.seg"), Some(255));
+        assert_eq!(
+            parse_segment_file_name("wal-00000000000000ff.seg"),
+            Some(255)
+        );
         assert_eq!(parse_segment_file_name("wal-ff.seg"), None);
         assert_eq!(parse_segment_file_name("STORE"), None);
     }

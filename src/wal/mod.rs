@@ -25,9 +25,9 @@ pub mod format;
 pub mod inspect;
 pub mod reader;
 pub(crate) mod recovery;
-pub(crate) mod storage;
 #[cfg(test)]
 mod sim;
+pub(crate) mod storage;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
@@ -102,7 +102,13 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub(crate) fn new(seq: u64, file: Box<dyn SegmentFile>, store_id: u128, end: usize, max_expiry: u64) -> Segment {
+    pub(crate) fn new(
+        seq: u64,
+        file: Box<dyn SegmentFile>,
+        store_id: u128,
+        end: usize,
+        max_expiry: u64,
+    ) -> Segment {
         let capacity = file.len();
         Segment {
             seq,
@@ -183,12 +189,7 @@ impl Wal {
 
     fn check_poison(&self) -> Result<()> {
         if self.poisoned.load(Acquire) {
-            let reason = self
-                .sync_state
-                .lock()
-                .poisoned
-                .clone()
-                .unwrap_or_default();
+            let reason = self.sync_state.lock().poisoned.clone().unwrap_or_default();
             return Err(Error::Poisoned { reason });
         }
         Ok(())

@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use super::format::{
-    decode_record, record_seed, Decoded, DecodeError, Record, SegmentHeader, RECORD_ALIGN,
+    decode_record, record_seed, DecodeError, Decoded, Record, SegmentHeader, RECORD_ALIGN,
     SEGMENT_HEADER_LEN,
 };
 
@@ -211,7 +211,10 @@ mod tests {
         let s = scan_segment(&b, 5, 1, false, |_, _| {}).unwrap();
         assert_eq!(s.records, 9);
         let d = s.damage.unwrap();
-        assert_eq!((d.offset, d.valid_after, d.nonzero_end), (64 + 9 * 32, 0, 64 + 320));
+        assert_eq!(
+            (d.offset, d.valid_after, d.nonzero_end),
+            (64 + 9 * 32, 0, 64 + 320)
+        );
     }
 
     #[test]
@@ -252,7 +255,9 @@ mod tests {
             let mut b = segment(3, 1024);
             b.truncate(len.max(64));
             for _ in 0..200 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let i = (x >> 33) as usize % b.len();
                 b[i] = (x >> 20) as u8;
                 let _ = scan_segment(&b, 5, 1, x % 2 == 0, |_, _| {});

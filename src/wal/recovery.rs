@@ -222,7 +222,11 @@ pub(crate) fn open(
                     report.dropped_records += d.valid_after;
                 }
                 _ => {
-                    let where_ = if is_last { "log tail" } else { "sealed segment" };
+                    let where_ = if is_last {
+                        "log tail"
+                    } else {
+                        "sealed segment"
+                    };
                     return Err(corruption(
                         st,
                         name,
@@ -233,7 +237,14 @@ pub(crate) fn open(
             }
         }
         if is_last {
-            last = Some((*seq, name.clone(), scan.end, scan.max_expiry, cut, damaged || bytes.len() < scan.end + MARK_RECORD_LEN));
+            last = Some((
+                *seq,
+                name.clone(),
+                scan.end,
+                scan.max_expiry,
+                cut,
+                damaged || bytes.len() < scan.end + MARK_RECORD_LEN,
+            ));
         } else {
             sealed.push(Sealed {
                 name: name.clone(),
@@ -263,7 +274,10 @@ pub(crate) fn open(
                 });
                 (None, seq + 1)
             } else {
-                (Some(Segment::new(seq, file, header.store_id, end, max_expiry)), seq + 1)
+                (
+                    Some(Segment::new(seq, file, header.store_id, end, max_expiry)),
+                    seq + 1,
+                )
             }
         }
         None => (None, 1),

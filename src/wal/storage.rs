@@ -57,7 +57,10 @@ impl DirStorage {
     /// Use `dir`, creating it (mode 0700) if needed.
     pub(crate) fn open(dir: &Path) -> io::Result<DirStorage> {
         if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         Ok(DirStorage {
             dir: dir.to_path_buf(),
