@@ -2,11 +2,12 @@
 
 use std::borrow::Cow;
 use std::io::{self, BufRead, BufWriter, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use seen::{Engine, Error, Verdict};
+use seen::{Deferred, Durability, Engine, Error};
 
 use super::EXIT_INVALID_INPUT;
 
@@ -35,9 +36,32 @@ pub(crate) struct FilterArgs {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     batch: u32,
 
+    /// State directory: marks persist across runs (created if missing).
+    /// Without it, state lives only as long as the run.
+    #[arg(long, value_name = "DIR", env = "SEEN_STATE_DIR")]
+    state: Option<PathBuf>,
+
+    /// When marks reach the disk. `sync`: each batch's lines are written
+    /// and flushed to stdout, then its marks are made durable before more
+    /// input is read (a crash repeats at most one batch, never loses a
+    /// line). `periodic`: synced every --flush-interval. `none`: page cache.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync, env = "SEEN_DURABILITY")]
+    durability: DurabilityArg,
+
+    /// Sync interval for `--durability periodic`.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    flush_interval: Duration,
+
     /// Print no summary on stderr.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DurabilityArg {
+    None,
+    Periodic,
+    Sync,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,10 +112,36 @@ pub(crate) fn run(args: FilterArgs) -> anyhow_like::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_INVALID_INPUT));
         }
     }
-    let engine = Engine::builder()
-        .ttl(args.ttl)
-        .max_id_len(args.max_id_len)
-        .build()?;
+    let builder = Engine::builder().ttl(args.ttl).max_id_len(args.max_id_len);
+    let engine = match &args.state {
+        None => builder.build()?,
+        Some(dir) => {
+            let durability = match args.durability {
+                DurabilityArg::None => Durability::None,
+                DurabilityArg::Periodic => Durability::Periodic(args.flush_interval),
+                DurabilityArg::Sync => Durability::Sync,
+            };
+            let bar = super::progress_bar("replaying log", args.quiet);
+            let replay_bar = bar.clone();
+            let engine = builder
+                .durability(durability)
+                .replay_progress(move |done, total| {
+                    replay_bar.set_length(total as u64);
+                    replay_bar.set_position(done as u64);
+                })
+                .open(dir)?;
+            bar.finish_and_clear();
+            if let (Some(r), false) = (engine.recovery_report(), args.quiet) {
+                if r.truncated_bytes > 0 || !r.stray_files.is_empty() {
+                    eprintln!(
+                        "seen filter: recovery cut a torn tail of {} bytes ({} unacknowledged records); stray files left alone: {:?}",
+                        r.truncated_bytes, r.dropped_records, r.stray_files
+                    );
+                }
+            }
+            engine
+        }
+    };
     let started = Instant::now();
     let stdin = io::stdin().lock();
     let stdout = io::stdout().lock();
@@ -135,29 +185,38 @@ fn filter_stream(
     summary: &mut Summary,
 ) -> Result<(), Stop> {
     let mut line = Vec::with_capacity(4096);
+    let mut marks = Vec::with_capacity(args.batch as usize);
     loop {
-        // One batch: decide up to `batch` lines, then flush what was new.
+        // One batch: decide up to `batch` lines in memory, write the new
+        // ones and flush stdout, and only then log their marks. A crash
+        // anywhere repeats at most this batch's lines; it never marks a
+        // line that was not printed.
+        marks.clear();
+        let mut eof = false;
         for _ in 0..args.batch {
             line.clear();
             let n = input
                 .read_until(b'\n', &mut line)
                 .map_err(|e| Stop::Io(anyhow_like::Error::io("stdin", e)))?;
             if n == 0 {
-                return Ok(());
+                eof = true;
+                break;
             }
             summary.read += 1;
             let write = match id_of(&line, &args.keys)
-                .and_then(|id| engine.check_and_insert(&id).map_err(Invalid::Id))
+                .and_then(|id| engine.check_and_insert_deferred(&id).map_err(Invalid::Id))
             {
-                Ok(Verdict::New) => {
+                Ok(Deferred::New(mark)) => {
+                    marks.push(mark);
                     summary.new += 1;
                     true
                 }
-                Ok(Verdict::Duplicate) => {
+                Ok(Deferred::Duplicate) => {
                     summary.duplicate += 1;
                     false
                 }
-                Err(Invalid::Id(e @ Error::CapacityExceeded { .. })) => {
+                Err(Invalid::Id(e)) if !matches!(e, Error::EmptyId | Error::IdTooLong { .. }) => {
+                    // Not the line's fault (memory ceiling, storage): stop.
                     return Err(Stop::Io(e.into()));
                 }
                 Err(why) => {
@@ -170,7 +229,13 @@ fn filter_stream(
                     match args.on_invalid {
                         OnInvalid::Skip => false,
                         OnInvalid::Pass => true,
-                        OnInvalid::Fail => return Err(Stop::Invalid),
+                        OnInvalid::Fail => {
+                            // Keep the promise for the lines already written.
+                            out.flush()
+                                .map_err(|e| Stop::Io(anyhow_like::Error::io("stdout", e)))?;
+                            engine.commit(&marks).map_err(|e| Stop::Io(e.into()))?;
+                            return Err(Stop::Invalid);
+                        }
                     }
                 }
             };
@@ -186,6 +251,10 @@ fn filter_stream(
         }
         out.flush()
             .map_err(|e| Stop::Io(anyhow_like::Error::io("stdout", e)))?;
+        engine.commit(&marks).map_err(|e| Stop::Io(e.into()))?;
+        if eof {
+            return Ok(());
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and dispatch.
 
 mod filter;
+mod store;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +20,11 @@ struct Cli {
 enum Command {
     /// Copy stdin to stdout, keeping only lines whose id was not seen before.
     Filter(filter::FilterArgs),
+    /// Describe a state directory: segments, live keys, expiry range, bytes.
+    Inspect(store::StoreArgs),
+    /// Check every record of a state directory; exit 1 on any damage,
+    /// naming the file and offset.
+    Verify(store::StoreArgs),
 }
 
 /// Exit code for bad input under `--on-invalid fail`, and for usage errors.
@@ -28,6 +34,8 @@ pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Filter(args) => filter::run(args),
+        Command::Inspect(args) => store::inspect(args),
+        Command::Verify(args) => store::verify(args),
     };
     match result {
         Ok(code) => code,
@@ -36,6 +44,22 @@ pub(crate) fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A progress bar on stderr; hidden when stderr is not a terminal or `quiet`.
+pub(crate) fn progress_bar(what: &'static str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments ({eta})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
 }
 
 /// Parse a TTL: a humantime duration (`90s`, `1h 30m`, `7d`) or bare seconds.
