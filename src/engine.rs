@@ -759,13 +759,21 @@ impl Engine {
 
     /// Append pending marks without waiting for durability: what a crash in
     /// the middle of [`Engine::commit`] leaves behind.
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn commit_without_waiting(&self, marks: &[PendingMark]) {
         if let Some(d) = &self.inner.durable {
             let guard = &epoch::pin();
             for m in marks {
                 let _ = self.log(d, m.fingerprint, m.expiry, self.inner.now(), guard);
             }
+        }
+    }
+
+    /// Drop the engine the way a power loss would: no final sync.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn abandon(self) {
+        if let Some(d) = &self.inner.durable {
+            d.wal.skip_final_sync.store(true, Relaxed);
         }
     }
 

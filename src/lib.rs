@@ -12,6 +12,11 @@ mod sync;
 pub mod ttl;
 pub mod wal;
 
+/// Entry points for the fuzz targets in `fuzz/` (built with `--cfg fuzzing`).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use engine::{
     Deferred, Engine, EngineBuilder, MemoryPolicy, PendingMark, Stats, Verdict, DEFAULT_MAX_ID_LEN,
     DEFAULT_TTL, MAX_ID_LEN_LIMIT,

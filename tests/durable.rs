@@ -94,7 +94,7 @@ fn files_are_private() {
     let state = dir.path().join("state");
     let clock = Arc::new(ManualClock::new(START));
     let e = open(&state, &clock);
-    e.check_and_insert("x").unwrap();
+    assert!(e.check_and_insert("x").unwrap().is_new());
     assert_eq!(
         fs::metadata(&state).unwrap().permissions().mode() & 0o777,
         0o700
@@ -117,11 +117,11 @@ fn expired_marks_are_not_replayed_and_their_segments_are_deleted() {
     {
         let e = open(dir.path(), &clock);
         for i in 0..500u32 {
-            e.check_and_insert(i.to_le_bytes()).unwrap();
+            assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
         }
         clock.advance(Duration::from_secs(50));
         for i in 500..600u32 {
-            e.check_and_insert(i.to_le_bytes()).unwrap();
+            assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
         }
     }
     let before = segments(dir.path()).len();
@@ -154,7 +154,7 @@ fn secret_lives_in_the_store_header() {
 fn last_segment_with_marks(dir: &Path, clock: &Arc<ManualClock>, n: u32) -> std::path::PathBuf {
     let e = open(dir, clock);
     for i in 0..n {
-        e.check_and_insert(i.to_le_bytes()).unwrap();
+        assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
     }
     drop(e);
     segments(dir).pop().unwrap()
@@ -305,7 +305,7 @@ fn durability_modes_all_persist_on_clean_shutdown() {
                 .open(dir.path())
                 .unwrap();
             for i in 0..300u32 {
-                e.check_and_insert(i.to_le_bytes()).unwrap();
+                assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
             }
             assert_eq!(e.durability(), Some(d));
         }

@@ -25,8 +25,8 @@ pub mod format;
 pub mod inspect;
 pub mod reader;
 pub(crate) mod recovery;
-#[cfg(test)]
-mod sim;
+#[cfg(any(test, fuzzing))]
+pub(crate) mod sim;
 pub(crate) mod storage;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -149,6 +149,8 @@ pub(crate) struct Wal {
     sync_state: Mutex<SyncState>,
     synced_cv: Condvar,
     poisoned: AtomicBool,
+    /// Tests simulating power loss drop the log without its final sync.
+    pub(crate) skip_final_sync: AtomicBool,
 }
 
 impl Wal {
@@ -174,6 +176,7 @@ impl Wal {
             }),
             synced_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
+            skip_final_sync: AtomicBool::new(false),
         }
     }
 
@@ -408,7 +411,7 @@ pub(crate) fn create_segment(
 impl Drop for Wal {
     fn drop(&mut self) {
         // Best effort: a clean shutdown leaves nothing unsynced.
-        if !self.poisoned.load(Acquire) {
+        if !self.poisoned.load(Acquire) && !self.skip_final_sync.load(Acquire) {
             let _ = self.sync_published();
         }
         // SAFETY: `&mut self`: no other thread can reach the active segment.

@@ -53,6 +53,19 @@ pub struct RecoveryReport {
     pub duration: Duration,
 }
 
+/// The last segment, which recovery may continue appending to.
+struct LastSegment {
+    seq: u64,
+    name: String,
+    /// Just past the last valid record.
+    end: usize,
+    max_expiry: u64,
+    /// A torn tail to zero: `from..to`.
+    cut: Option<(usize, usize)>,
+    /// Full, or damaged under salvage: append to a fresh segment instead.
+    seal: bool,
+}
+
 pub(crate) struct OpenOptions {
     pub mode: RecoveryMode,
     pub segment_size: usize,
@@ -162,7 +175,7 @@ pub(crate) fn open(
 
     let salvage = opts.mode == RecoveryMode::Salvage;
     let mut sealed = Vec::new();
-    let mut last: Option<(u64, String, usize, u64, Option<(usize, usize)>, bool)> = None;
+    let mut last: Option<LastSegment> = None;
     let total = segments.len();
     for (i, (seq, name)) in segments.iter().enumerate() {
         progress(i, total);
@@ -237,14 +250,14 @@ pub(crate) fn open(
             }
         }
         if is_last {
-            last = Some((
-                *seq,
-                name.clone(),
-                scan.end,
-                scan.max_expiry,
+            last = Some(LastSegment {
+                seq: *seq,
+                name: name.clone(),
+                end: scan.end,
+                max_expiry: scan.max_expiry,
                 cut,
-                damaged || bytes.len() < scan.end + MARK_RECORD_LEN,
-            ));
+                seal: damaged || bytes.len() < scan.end + MARK_RECORD_LEN,
+            });
         } else {
             sealed.push(Sealed {
                 name: name.clone(),
@@ -256,7 +269,14 @@ pub(crate) fn open(
     progress(total, total);
 
     let (active, next_seq) = match last {
-        Some((seq, name, end, max_expiry, cut, full_or_damaged)) => {
+        Some(LastSegment {
+            seq,
+            name,
+            end,
+            max_expiry,
+            cut,
+            seal: full_or_damaged,
+        }) => {
             let file = st.open_segment(&name).map_err(io(st, &name))?;
             if let Some((from, to)) = cut {
                 let to = to.min(file.len());

@@ -22,16 +22,20 @@ struct SimFile {
 }
 
 #[derive(Default)]
-pub(crate) struct SimDisk {
+pub struct SimDisk {
     files: Mutex<BTreeMap<String, Arc<Mutex<SimFile>>>>,
 }
 
 /// What happens to each unsynced write at a crash.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Fate {
+pub enum Fate {
+    /// The write never reached the disk.
     Lost,
+    /// It did.
     Kept,
+    /// Only a prefix of this many bytes did.
     Torn(usize),
+    /// Garbage reached the disk instead.
     Garbled,
 }
 
@@ -227,7 +231,7 @@ mod power_loss {
                 // Some acknowledged single marks, some batches, then
                 // unacknowledged writes in flight at the crash.
                 for _ in 0..(rng.next() % 150) {
-                    e.check_and_insert(next.to_le_bytes()).unwrap();
+                    assert!(e.check_and_insert(next.to_le_bytes()).unwrap().is_new());
                     acked.insert(next);
                     next += 1;
                 }
@@ -245,7 +249,7 @@ mod power_loss {
                     .collect();
                 e.commit_without_waiting(&pending);
                 next += 30;
-                std::mem::forget(e); // power loss: no clean shutdown
+                e.abandon(); // power loss: no clean shutdown
                 disk = disk.crash(|| rng.fate());
             }
             // Reopening the same crashed disk twice gives the same state.
@@ -269,9 +273,9 @@ mod power_loss {
             let disk = SimDisk::new();
             let e = engine(&disk, &clock, Durability::None);
             for i in 0..(rng.next() % 400) as u32 {
-                e.check_and_insert(i.to_le_bytes()).unwrap();
+                assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
             }
-            std::mem::forget(e);
+            e.abandon();
             let crashed = disk.crash(|| rng.fate());
             let e = Engine::builder()
                 .segment_size(4096)
