@@ -308,6 +308,11 @@ impl EngineBuilder {
             Some(f) => f.as_ref(),
             None => &no_progress,
         };
+        let mut replay = SetReplay {
+            set: &set,
+            now,
+            guard,
+        };
         let opened = recovery::open(
             storage,
             &recovery::OpenOptions {
@@ -316,23 +321,7 @@ impl EngineBuilder {
                 secret: self.secret,
             },
             now.to_unix_secs(),
-            |record| match record {
-                Record::Mark {
-                    fingerprint,
-                    expiry_unix_secs,
-                } => matches!(
-                    set.insert(
-                        Fingerprint(fingerprint),
-                        now,
-                        Tick::from_unix_secs(expiry_unix_secs),
-                        guard
-                    ),
-                    Ok(Verdict::New)
-                ),
-                Record::Forget { fingerprint, .. } => {
-                    set.forget(Fingerprint(fingerprint), now, guard).is_some()
-                }
-            },
+            &mut replay,
             progress,
         )?;
         let durable = Durable {
@@ -381,6 +370,52 @@ impl EngineBuilder {
             inner,
             _background: background,
         })
+    }
+}
+
+/// Replays log records into the set: hashes nothing (records carry
+/// fingerprints), prefetches a window of table lines ahead of the inserts.
+struct SetReplay<'a> {
+    set: &'a ShardedSet,
+    now: Tick,
+    guard: &'a epoch::Guard,
+}
+
+impl recovery::Replay for SetReplay<'_> {
+    fn reserve(&mut self, records: u64) {
+        self.set.reserve(records as usize, self.now);
+    }
+
+    fn apply(&mut self, records: &[Record]) -> (u64, u64) {
+        let (mut marks, mut forgets) = (0, 0);
+        for window in records.chunks(BATCH_WINDOW) {
+            for r in window {
+                let (Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. }) = *r;
+                self.set.prefetch(Fingerprint(fingerprint), self.guard);
+            }
+            for r in window {
+                match *r {
+                    Record::Mark {
+                        fingerprint,
+                        expiry_unix_secs,
+                    } => {
+                        let expiry = Tick::from_unix_secs(expiry_unix_secs);
+                        let fp = Fingerprint(fingerprint);
+                        if let Ok(Verdict::New) = self.set.insert(fp, self.now, expiry, self.guard)
+                        {
+                            marks += 1;
+                        }
+                    }
+                    Record::Forget { fingerprint, .. } => {
+                        let fp = Fingerprint(fingerprint);
+                        if self.set.forget(fp, self.now, self.guard).is_some() {
+                            forgets += 1;
+                        }
+                    }
+                }
+            }
+        }
+        (marks, forgets)
     }
 }
 
@@ -560,72 +595,98 @@ impl Engine {
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
         let now = self.inner.now();
-        self.insert_at(fp, now, ttl, true, guard)
+        self.insert_at(fp, now, ttl, guard)
     }
 
-    /// `sync`: whether this call waits for durability itself (the batch
-    /// path waits once at the end instead).
+    /// Mark in memory and count; no logging.
+    #[inline]
+    fn mark_in_memory(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        expiry: Tick,
+        guard: &epoch::Guard,
+    ) -> Result<Verdict> {
+        let stripe = self.inner.counters.stripe();
+        if self.inner.ttl.is_zero() {
+            stripe.new.fetch_add(1, Relaxed);
+            return Ok(Verdict::New);
+        }
+        let verdict = self.inner.set.insert(fp, now, expiry, guard);
+        match verdict {
+            Ok(Verdict::New) => stripe.new.fetch_add(1, Relaxed),
+            Ok(Verdict::Duplicate) => stripe.duplicate.fetch_add(1, Relaxed),
+            Err(_) => stripe.rejected.fetch_add(1, Relaxed),
+        };
+        verdict
+    }
+
+    /// The single-id path: mark, log, and wait as the durability says.
     #[inline]
     fn insert_at(
         &self,
         fp: Fingerprint,
         now: Tick,
         ttl: Duration,
-        sync: bool,
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
-        let stripe = self.inner.counters.stripe();
-        if ttl.is_zero() {
-            stripe.new.fetch_add(1, Relaxed);
+        if ttl.is_zero() || self.inner.ttl.is_zero() {
+            // Dedup disabled (or a per-call TTL of zero): nothing to remember.
+            self.inner.counters.stripe().new.fetch_add(1, Relaxed);
             return Ok(Verdict::New);
         }
         let expiry = now.plus(ttl);
-        match self.inner.set.insert(fp, now, expiry, guard) {
-            Ok(Verdict::New) => {
-                if let Some(d) = &self.inner.durable {
-                    let pos = self.log(d, fp, expiry, now, guard)?;
-                    if sync && d.durability == Durability::Sync {
+        let verdict = self.mark_in_memory(fp, now, expiry, guard)?;
+        if let Some(d) = &self.inner.durable {
+            let sync = d.durability == Durability::Sync;
+            match verdict {
+                Verdict::New => {
+                    let pos = self.log(d, &[(fp, expiry)], now, guard)?;
+                    if sync {
                         d.wal.wait_durable(pos)?;
                     }
                 }
-                stripe.new.fetch_add(1, Relaxed);
-                Ok(Verdict::New)
-            }
-            Ok(Verdict::Duplicate) => {
-                if let Some(d) = &self.inner.durable {
-                    // Under Sync, "duplicate" promises the earlier mark is on
-                    // disk: the caller will drop the event on our word.
-                    if sync && d.durability == Durability::Sync {
-                        d.wal.wait_durable(d.wal.published(guard))?;
-                    }
-                }
-                stripe.duplicate.fetch_add(1, Relaxed);
-                Ok(Verdict::Duplicate)
-            }
-            Err(e) => {
-                stripe.rejected.fetch_add(1, Relaxed);
-                Err(e)
+                // Under Sync, "duplicate" promises the earlier mark is on
+                // disk: the caller will drop the event on our word.
+                Verdict::Duplicate if sync => d.wal.wait_durable(d.wal.published(guard))?,
+                Verdict::Duplicate => {}
             }
         }
+        Ok(verdict)
     }
 
-    /// Append a mark for a key just marked in memory; if the log refuses,
-    /// take the in-memory mark back so a retry can succeed.
+    /// Append marks for keys just marked in memory; if the log refuses,
+    /// take the in-memory marks back so a retry can succeed.
     fn log(
         &self,
         d: &Durable,
-        fp: Fingerprint,
-        expiry: Tick,
+        marks: &[(Fingerprint, Tick)],
         now: Tick,
         guard: &epoch::Guard,
     ) -> Result<crate::wal::Position> {
-        let record = Record::Mark {
-            fingerprint: fp.0,
-            expiry_unix_secs: expiry.to_unix_secs(),
-        };
-        d.wal.append(&record, guard).inspect_err(|_| {
-            self.inner.set.forget(fp, now, guard);
-        })
+        let mut records = [Record::Mark {
+            fingerprint: 0,
+            expiry_unix_secs: 0,
+        }; BATCH_WINDOW];
+        let mut last = None;
+        for chunk in marks.chunks(BATCH_WINDOW) {
+            for (r, &(fp, expiry)) in records.iter_mut().zip(chunk) {
+                *r = Record::Mark {
+                    fingerprint: fp.0,
+                    expiry_unix_secs: expiry.to_unix_secs(),
+                };
+            }
+            match d.wal.append_all(&records[..chunk.len()], guard) {
+                Ok(pos) => last = Some(pos),
+                Err(e) => {
+                    for &(fp, _) in chunk {
+                        self.inner.set.forget(fp, now, guard);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(last.unwrap_or_else(|| d.wal.published(guard)))
     }
 
     /// Check and mark many ids; verdicts come back in order. All ids are
@@ -687,8 +748,19 @@ impl Engine {
             if n == 0 {
                 break;
             }
+            let mut new = [(Fingerprint(0), Tick(0)); BATCH_WINDOW];
+            let mut fresh = 0;
+            let expiry = now.plus(ttl);
             for &fp in &window[..n] {
-                out.push(self.insert_at(fp, now, ttl, false, guard)?);
+                let verdict = self.mark_in_memory(fp, now, expiry, guard)?;
+                if verdict.is_new() {
+                    new[fresh] = (fp, expiry);
+                    fresh += 1;
+                }
+                out.push(verdict);
+            }
+            if let (Some(d), false, true) = (&self.inner.durable, ttl.is_zero(), fresh > 0) {
+                self.log(d, &new[..fresh], now, guard)?;
             }
         }
         // One group commit for the whole batch.
@@ -713,30 +785,13 @@ impl Engine {
         let fp = self.fingerprint(id)?;
         let now = self.inner.now();
         let expiry = now.plus(self.inner.ttl);
-        let stripe = self.inner.counters.stripe();
-        if self.inner.ttl.is_zero() {
-            stripe.new.fetch_add(1, Relaxed);
-            return Ok(Deferred::New(PendingMark {
-                fingerprint: fp,
-                expiry,
-            }));
-        }
-        match self.inner.set.insert(fp, now, expiry, &epoch::pin()) {
-            Ok(Verdict::New) => {
-                stripe.new.fetch_add(1, Relaxed);
-                Ok(Deferred::New(PendingMark {
-                    fingerprint: fp,
-                    expiry,
-                }))
-            }
-            Ok(Verdict::Duplicate) => {
-                stripe.duplicate.fetch_add(1, Relaxed);
-                Ok(Deferred::Duplicate)
-            }
-            Err(e) => {
-                stripe.rejected.fetch_add(1, Relaxed);
-                Err(e)
-            }
+        let mark = PendingMark {
+            fingerprint: fp,
+            expiry,
+        };
+        match self.mark_in_memory(fp, now, expiry, &epoch::pin())? {
+            Verdict::New => Ok(Deferred::New(mark)),
+            Verdict::Duplicate => Ok(Deferred::Duplicate),
         }
     }
 
@@ -751,8 +806,12 @@ impl Engine {
         }
         let guard = &epoch::pin();
         let now = self.inner.now();
-        for m in marks {
-            self.log(d, m.fingerprint, m.expiry, now, guard)?;
+        for chunk in marks.chunks(BATCH_WINDOW) {
+            let mut pairs = [(Fingerprint(0), Tick(0)); BATCH_WINDOW];
+            for (p, m) in pairs.iter_mut().zip(chunk) {
+                *p = (m.fingerprint, m.expiry);
+            }
+            self.log(d, &pairs[..chunk.len()], now, guard)?;
         }
         self.wait_if_sync(guard)
     }
@@ -764,7 +823,7 @@ impl Engine {
         if let Some(d) = &self.inner.durable {
             let guard = &epoch::pin();
             for m in marks {
-                let _ = self.log(d, m.fingerprint, m.expiry, self.inner.now(), guard);
+                let _ = self.log(d, &[(m.fingerprint, m.expiry)], self.inner.now(), guard);
             }
         }
     }

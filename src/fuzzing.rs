@@ -29,7 +29,7 @@ impl Disk {
     }
     /// A file's bytes.
     pub fn read(&self, name: &str) -> Vec<u8> {
-        self.0.read(name).unwrap_or_default()
+        self.0.read(name).map(|b| b.to_vec()).unwrap_or_default()
     }
     /// Replace a file's bytes (both images).
     pub fn write(&self, name: &str, bytes: &[u8]) {

@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and dispatch.
 
+mod bench;
 mod filter;
 mod store;
 
@@ -25,6 +26,8 @@ enum Command {
     /// Check every record of a state directory; exit 1 on any damage,
     /// naming the file and offset.
     Verify(store::StoreArgs),
+    /// Measure a durable workload on a scratch state directory.
+    Bench(bench::BenchArgs),
 }
 
 /// Exit code for bad input under `--on-invalid fail`, and for usage errors.
@@ -36,6 +39,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Filter(args) => filter::run(args),
         Command::Inspect(args) => store::inspect(args),
         Command::Verify(args) => store::verify(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -240,6 +240,32 @@ impl ShardedSet {
     /// holding its live entries.
     #[cold]
     fn migrate(&self, shard: &Shard, expected: Shared<'_, Table>, now: Tick, guard: &Guard) {
+        self.migrate_to(shard, expected, now, 0, guard)
+    }
+
+    /// Make room for `keys` live keys in total, in one step per shard (used
+    /// before replaying a log, so replay never migrates).
+    pub(crate) fn reserve(&self, keys: usize, now: Tick) {
+        let mean = keys.div_ceil(self.shards.len());
+        let per_shard = mean + 4 * (mean as f64).sqrt() as usize;
+        let slots = (per_shard as f64 / MAX_LOAD) as usize + 1;
+        let guard = &epoch::pin();
+        for shard in self.shards.iter() {
+            let (ptr, table) = Self::current(shard, guard);
+            if table.slots() < slots {
+                self.migrate_to(shard, ptr, now, slots, guard);
+            }
+        }
+    }
+
+    fn migrate_to(
+        &self,
+        shard: &Shard,
+        expected: Shared<'_, Table>,
+        now: Tick,
+        min_slots: usize,
+        guard: &Guard,
+    ) {
         let _migrating = shard.migration.lock();
         let (ptr, old) = Self::current(shard, guard);
         if ptr != expected {
@@ -256,7 +282,8 @@ impl ShardedSet {
                 old.slots()
             } else {
                 ((live / GROW_TO_LOAD) as usize).max(MIN_SLOTS)
-            };
+            }
+            .max(min_slots);
         let mut at_limit = false;
         if let Some(limit) = self.slot_limit {
             if slots >= limit {

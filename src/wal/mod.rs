@@ -211,25 +211,39 @@ impl Wal {
 
     /// Append one record; returns the position just past it.
     pub(crate) fn append(&self, record: &Record, guard: &Guard) -> Result<Position> {
+        self.append_all(std::slice::from_ref(record), guard)
+    }
+
+    /// Append records with one reservation (so writers on other threads
+    /// contend once per call, not once per record); returns the position
+    /// just past the last. `records` must fit in a segment.
+    pub(crate) fn append_all(&self, records: &[Record], guard: &Guard) -> Result<Position> {
         self.check_poison()?;
-        let expiry = match *record {
-            Record::Mark {
-                expiry_unix_secs, ..
-            }
-            | Record::Forget {
-                expiry_unix_secs, ..
-            } => expiry_unix_secs,
-        };
+        let len = (records.len() * MARK_RECORD_LEN) as u64;
+        debug_assert!(len as usize + format::SEGMENT_HEADER_LEN <= self.segment_size);
+        let max_expiry = records
+            .iter()
+            .map(|r| match *r {
+                Record::Mark {
+                    expiry_unix_secs, ..
+                }
+                | Record::Forget {
+                    expiry_unix_secs, ..
+                } => expiry_unix_secs,
+            })
+            .max()
+            .unwrap_or(0);
         loop {
             let seg = self.active(guard);
-            let len = MARK_RECORD_LEN as u64;
             let off = seg.cursor.fetch_add(len, AcqRel);
             let end = off + len;
             if end <= seg.capacity as u64 {
-                seg.file
-                    .write_at(off as usize, &encode_record(seg.seed, record));
-                if expiry > seg.max_expiry.load(Relaxed) {
-                    seg.max_expiry.fetch_max(expiry, Relaxed);
+                for (i, record) in records.iter().enumerate() {
+                    let at = off as usize + i * MARK_RECORD_LEN;
+                    seg.file.write_at(at, &encode_record(seg.seed, record));
+                }
+                if max_expiry > seg.max_expiry.load(Relaxed) {
+                    seg.max_expiry.fetch_max(max_expiry, Relaxed);
                 }
                 let mut spins = 0;
                 while seg.published.load(Acquire) != off {

@@ -95,11 +95,22 @@ fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
 }
 
 /// Open (or create) the log in `storage`, feeding every live record to `apply`.
+/// Where replayed records go.
+pub(crate) trait Replay {
+    /// Room for this many records (called once, before any `apply`).
+    fn reserve(&mut self, records: u64);
+    /// Apply live records in log order; returns (marks loaded, forgets applied).
+    fn apply(&mut self, records: &[Record]) -> (u64, u64);
+}
+
+/// Records handed to [`Replay::apply`] at a time.
+const REPLAY_CHUNK: usize = 256;
+
 pub(crate) fn open(
     storage: Arc<dyn Storage>,
     opts: &OpenOptions,
     now_unix: u64,
-    mut apply: impl FnMut(Record) -> bool,
+    sink: &mut dyn Replay,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Opened> {
     let started = Instant::now();
@@ -174,35 +185,53 @@ pub(crate) fn open(
     }
 
     let salvage = opts.mode == RecoveryMode::Salvage;
+    // Pass 1: count records, so the set is sized once instead of growing
+    // through replay. Reading is mapping: the second pass costs no I/O.
+    let mut files = Vec::with_capacity(segments.len());
+    let mut expected = 0u64;
+    for (seq, name) in &segments {
+        let bytes = st.read(name).map_err(io(st, name))?;
+        if let Ok(scan) = scan_segment(&bytes, header.store_id, *seq, salvage, |_, _| {}) {
+            expected += scan.records;
+        }
+        files.push(bytes);
+    }
+    sink.reserve(expected);
+
     let mut sealed = Vec::new();
     let mut last: Option<LastSegment> = None;
     let total = segments.len();
-    for (i, (seq, name)) in segments.iter().enumerate() {
+    let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
+    for (i, ((seq, name), bytes)) in segments.iter().zip(&files).enumerate() {
         progress(i, total);
         let is_last = i + 1 == total;
-        let bytes = st.read(name).map_err(io(st, name))?;
         report.segments += 1;
         report.bytes_scanned += bytes.len() as u64;
-        let scan = match scan_segment(&bytes, header.store_id, *seq, salvage, |_, r| {
+        let mut flush = |chunk: &mut Vec<Record>, report: &mut RecoveryReport| {
+            let (marks, forgets) = sink.apply(chunk);
+            report.replayed += marks;
+            report.forgotten += forgets;
+            chunk.clear();
+        };
+        let scan = scan_segment(bytes, header.store_id, *seq, salvage, |_, r| {
             report.records += 1;
-            let (expired, forget) = match r {
-                Record::Mark {
-                    expiry_unix_secs, ..
-                } => (expiry_unix_secs <= now_unix, false),
-                Record::Forget {
-                    expiry_unix_secs, ..
-                } => (expiry_unix_secs <= now_unix, true),
-            };
-            if expired {
+            let (Record::Mark {
+                expiry_unix_secs, ..
+            }
+            | Record::Forget {
+                expiry_unix_secs, ..
+            }) = r;
+            if expiry_unix_secs <= now_unix {
                 report.expired += 1;
-            } else if apply(r) {
-                if forget {
-                    report.forgotten += 1;
-                } else {
-                    report.replayed += 1;
+            } else {
+                chunk.push(r);
+                if chunk.len() == REPLAY_CHUNK {
+                    flush(&mut chunk, &mut report);
                 }
             }
-        }) {
+        });
+        flush(&mut chunk, &mut report);
+        let scan = match scan {
             Ok(scan) => scan,
             Err(ScanError::Header(DecodeError::UnsupportedVersion(version))) => {
                 return Err(Error::UnsupportedVersion {
@@ -210,8 +239,7 @@ pub(crate) fn open(
                     version,
                 })
             }
-            Err(e) if salvage => {
-                let _ = e;
+            Err(_) if salvage => {
                 report.skipped_segments.push(st.path(name));
                 continue;
             }
@@ -267,6 +295,7 @@ pub(crate) fn open(
         }
     }
     progress(total, total);
+    drop(files);
 
     let (active, next_seq) = match last {
         Some(LastSegment {

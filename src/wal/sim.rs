@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::storage::{SegmentFile, Storage};
+use super::storage::{Bytes, SegmentFile, Storage};
 
 #[derive(Default, Clone)]
 struct SimFile {
@@ -110,11 +110,11 @@ impl Storage for SimDisk {
     fn list(&self) -> io::Result<Vec<String>> {
         Ok(self.files.lock().keys().cloned().collect())
     }
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+    fn read(&self, name: &str) -> io::Result<Bytes> {
         let files = self.files.lock();
         let f = files.get(name).ok_or(io::ErrorKind::NotFound)?;
         let live = f.lock().live.clone();
-        Ok(live)
+        Ok(Bytes::Owned(live))
     }
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         self.files.lock().insert(

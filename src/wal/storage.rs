@@ -18,8 +18,9 @@ use memmap2::MmapRaw;
 pub(crate) trait Storage: Send + Sync + 'static {
     /// File names in the directory.
     fn list(&self) -> io::Result<Vec<String>>;
-    /// A whole file's bytes.
-    fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// A whole file's bytes (mapped where possible: replay reads the log
+    /// twice and copies nothing).
+    fn read(&self, name: &str) -> io::Result<Bytes>;
     /// Create or replace `name` atomically and durably (write a temporary
     /// file, sync it, rename it over, sync the directory).
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
@@ -36,6 +37,22 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn remove(&self, name: &str) -> io::Result<()>;
     /// For error messages.
     fn path(&self, name: &str) -> PathBuf;
+}
+
+/// A file's contents, owned or mapped read-only.
+pub(crate) enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m,
+        }
+    }
 }
 
 /// One segment, open for appending. Writers hold disjoint reserved ranges.
@@ -125,8 +142,18 @@ impl Storage for DirStorage {
         Ok(names)
     }
 
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.dir.join(name))
+    fn read(&self, name: &str) -> io::Result<Bytes> {
+        let file = File::open(self.dir.join(name))?;
+        if file.metadata()?.len() == 0 {
+            return Ok(Bytes::Owned(Vec::new()));
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the store's directory lock is held, so no other process
+        // writes or truncates its files, and this process only writes
+        // segments through their own mappings at offsets past what recovery
+        // reads. The mapping is read-only and dropped after recovery.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(Bytes::Mapped(map))
     }
 
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
