@@ -94,6 +94,12 @@ pub struct Stats {
     pub log_bytes: u64,
     /// Log bytes written but not yet durable: the durability lag.
     pub unsynced_bytes: u64,
+    /// Guard calls that met their id already in flight.
+    pub inflight_collisions: u64,
+    /// Guarded work that returned an error.
+    pub failed: u64,
+    /// Claims released (work failed, panicked or was cancelled).
+    pub released: u64,
 }
 
 /// Configures an [`Engine`]. Start with [`Engine::builder`].
@@ -819,6 +825,11 @@ impl Engine {
     /// ends and is forgotten by a restart.
     pub fn check_and_insert_deferred(&self, id: impl AsRef<[u8]>) -> Result<Deferred> {
         let fp = self.fingerprint(id)?;
+        self.claim_fingerprint(fp)
+    }
+
+    /// [`Engine::check_and_insert_deferred`] for a fingerprint.
+    pub(crate) fn claim_fingerprint(&self, fp: Fingerprint) -> Result<Deferred> {
         let now = self.inner.now();
         let expiry = now.plus(self.inner.ttl);
         let mark = PendingMark {
@@ -829,6 +840,69 @@ impl Engine {
             Verdict::New => Ok(Deferred::New(mark)),
             Verdict::Duplicate => Ok(Deferred::Duplicate),
         }
+    }
+
+    /// Mark `id` with optional metadata stored beside the mark in the log
+    /// (used by the guard's `mark_processed`).
+    pub(crate) fn check_and_insert_with_metadata(
+        &self,
+        id: impl AsRef<[u8]>,
+        metadata: Option<&[u8]>,
+    ) -> Result<Verdict> {
+        let (Some(meta), Some(d)) = (metadata, &self.inner.durable) else {
+            return self.check_and_insert(id);
+        };
+        let fp = self.fingerprint(id)?;
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        if self.inner.ttl.is_zero() {
+            return self.insert_at(fp, now, self.inner.ttl, guard);
+        }
+        let expiry = now.plus(self.inner.ttl);
+        let verdict = self.mark_in_memory(fp, now, expiry, guard, &mut Tally::new(self))?;
+        if verdict.is_new() {
+            let len =
+                crate::wal::format::record_len(crate::wal::format::MARK_PAYLOAD_LEN + meta.len());
+            let expiry_unix = expiry.to_unix_secs();
+            let pos = d
+                .wal
+                .append_encoded(
+                    len,
+                    expiry_unix,
+                    |seed| {
+                        crate::wal::format::encode_mark_with_metadata(seed, fp.0, expiry_unix, meta)
+                    },
+                    guard,
+                )
+                .inspect_err(|_| {
+                    self.inner.set.forget(fp, now, guard);
+                })?;
+            if d.durability == Durability::Sync {
+                d.wal.wait_durable(pos)?;
+            }
+        } else {
+            self.wait_if_sync(guard)?;
+        }
+        Ok(verdict)
+    }
+
+    /// Take back a pending mark that will not be committed (the work it
+    /// guarded failed): the id is new again.
+    pub fn release(&self, mark: PendingMark) {
+        if !self.inner.ttl.is_zero() {
+            self.inner
+                .set
+                .forget(mark.fingerprint, self.inner.now(), &epoch::pin());
+        }
+    }
+
+    /// Under `Sync`, wait until everything logged so far is durable.
+    pub(crate) fn wait_durable_if_sync(&self) -> Result<()> {
+        self.wait_if_sync(&epoch::pin())
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
     }
 
     /// Log pending marks, then wait per the engine's durability (one group
@@ -984,6 +1058,9 @@ impl Engine {
             log_segments: 0,
             log_bytes: 0,
             unsynced_bytes: 0,
+            inflight_collisions: t.inflight_collisions,
+            failed: t.failed,
+            released: t.released,
         };
         if let Some(d) = &self.inner.durable {
             (stats.log_segments, stats.log_bytes) = d.wal.layout();

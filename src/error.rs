@@ -27,6 +27,14 @@ pub enum Error {
         /// The configured ceiling.
         limit_bytes: usize,
     },
+    /// Metadata given to `mark_processed` is larger than allowed.
+    #[error("metadata is {len} bytes of JSON, over the limit of {max} bytes")]
+    MetadataTooLarge {
+        /// Its size as compact JSON.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A builder or environment setting is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -5,6 +5,7 @@
 mod engine;
 mod error;
 mod fingerprint;
+pub mod guard;
 mod prefetch;
 mod set;
 mod stats;

@@ -12,6 +12,9 @@ pub(crate) struct Stripe {
     pub invalid: AtomicU64,
     pub rejected: AtomicU64,
     pub forgotten: AtomicU64,
+    pub inflight_collisions: AtomicU64,
+    pub failed: AtomicU64,
+    pub released: AtomicU64,
 }
 
 pub(crate) struct Counters {
@@ -26,6 +29,9 @@ pub(crate) struct Totals {
     pub invalid: u64,
     pub rejected: u64,
     pub forgotten: u64,
+    pub inflight_collisions: u64,
+    pub failed: u64,
+    pub released: u64,
 }
 
 impl Counters {
@@ -61,6 +67,9 @@ impl Counters {
             t.invalid += s.invalid.load(Relaxed);
             t.rejected += s.rejected.load(Relaxed);
             t.forgotten += s.forgotten.load(Relaxed);
+            t.inflight_collisions += s.inflight_collisions.load(Relaxed);
+            t.failed += s.failed.load(Relaxed);
+            t.released += s.released.load(Relaxed);
         }
         t
     }

@@ -27,7 +27,11 @@ pub const RECORD_HEADER_LEN: usize = 8;
 pub const KIND_MARK: u8 = 1;
 /// A forget: fingerprint (16) + expiry of the mark it cancels (8).
 pub const KIND_FORGET: u8 = 2;
+/// A mark with JSON metadata: fingerprint (16) + expiry (8) + metadata.
+pub const KIND_MARK_META: u8 = 3;
 pub const MARK_PAYLOAD_LEN: usize = 24;
+/// Largest metadata a record may carry.
+pub const MAX_RECORD_METADATA: usize = 4096;
 /// Both record kinds of format v1 are 32 bytes on disk.
 pub const MARK_RECORD_LEN: usize = RECORD_HEADER_LEN + MARK_PAYLOAD_LEN;
 
@@ -290,13 +294,18 @@ pub fn decode_record(seed: u32, b: &[u8]) -> Decoded {
     ) else {
         return Decoded::Invalid("record header unreadable");
     };
-    if !matches!(kind, KIND_MARK | KIND_FORGET) {
-        return Decoded::Invalid("unknown record kind");
-    }
-    if len as usize != MARK_PAYLOAD_LEN {
+    let len = len as usize;
+    let len_ok = match kind {
+        KIND_MARK | KIND_FORGET => len == MARK_PAYLOAD_LEN,
+        KIND_MARK_META => {
+            (MARK_PAYLOAD_LEN..=MARK_PAYLOAD_LEN + MAX_RECORD_METADATA).contains(&len)
+        }
+        _ => return Decoded::Invalid("unknown record kind"),
+    };
+    if !len_ok {
         return Decoded::Invalid("bad payload length for record kind");
     }
-    let Some(body) = b.get(4..RECORD_HEADER_LEN + MARK_PAYLOAD_LEN) else {
+    let Some(body) = b.get(4..RECORD_HEADER_LEN + len) else {
         return Decoded::Invalid("record runs past the end of the segment");
     };
     if crc32c::crc32c_append(seed, body) != crc {
@@ -308,18 +317,61 @@ pub fn decode_record(seed: u32, b: &[u8]) -> Decoded {
     ) else {
         return Decoded::Invalid("record payload unreadable");
     };
-    let record = if kind == KIND_MARK {
-        Record::Mark {
-            fingerprint,
-            expiry_unix_secs,
-        }
-    } else {
+    let record = if kind == KIND_FORGET {
         Record::Forget {
             fingerprint,
             expiry_unix_secs,
         }
+    } else {
+        // Metadata is for audit (`seen inspect`); replay needs only the mark.
+        Record::Mark {
+            fingerprint,
+            expiry_unix_secs,
+        }
     };
-    Decoded::Record(record, MARK_RECORD_LEN)
+    Decoded::Record(record, record_len(len))
+}
+
+/// Bytes a record with a `payload`-byte payload takes on disk.
+pub fn record_len(payload: usize) -> usize {
+    (RECORD_HEADER_LEN + payload).div_ceil(RECORD_ALIGN) * RECORD_ALIGN
+}
+
+/// A mark carrying JSON metadata (kind 3), padded to 8 bytes. `metadata`
+/// must be at most [`MAX_RECORD_METADATA`] bytes.
+pub fn encode_mark_with_metadata(
+    seed: u32,
+    fingerprint: u128,
+    expiry_unix_secs: u64,
+    metadata: &[u8],
+) -> Vec<u8> {
+    let payload = MARK_PAYLOAD_LEN + metadata.len();
+    let mut b = vec![0u8; record_len(payload)];
+    b.get_mut(4..8).into_iter().for_each(|m| {
+        m.copy_from_slice(&[
+            KIND_MARK_META,
+            0,
+            (payload & 0xff) as u8,
+            (payload >> 8) as u8,
+        ])
+    });
+    if let Some(p) = b.get_mut(8..24) {
+        p.copy_from_slice(&fingerprint.to_le_bytes());
+    }
+    if let Some(p) = b.get_mut(24..32) {
+        p.copy_from_slice(&expiry_unix_secs.to_le_bytes());
+    }
+    if let Some(p) = b.get_mut(32..32 + metadata.len()) {
+        p.copy_from_slice(metadata);
+    }
+    let crc = crc32c::crc32c_append(
+        seed,
+        b.get(4..RECORD_HEADER_LEN + payload).unwrap_or_default(),
+    );
+    if let Some(p) = b.get_mut(0..4) {
+        p.copy_from_slice(&crc.to_le_bytes());
+    }
+    b
 }
 
 #[cfg(test)]
@@ -387,6 +439,27 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    #[test]
+    fn metadata_records_roundtrip() {
+        let seed = record_seed(3, 4);
+        let meta = br#"{"order":42,"by":"billing"}"#;
+        let b = encode_mark_with_metadata(seed, 7, 99, meta);
+        assert_eq!(b.len() % 8, 0);
+        assert_eq!(
+            decode_record(seed, &b),
+            Decoded::Record(
+                Record::Mark {
+                    fingerprint: 7,
+                    expiry_unix_secs: 99
+                },
+                b.len()
+            )
+        );
+        let mut bad = b.clone();
+        bad[40] ^= 1;
+        assert!(matches!(decode_record(seed, &bad), Decoded::Invalid(_)));
     }
 
     #[test]

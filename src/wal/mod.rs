@@ -214,6 +214,48 @@ impl Wal {
         self.append_all(std::slice::from_ref(record), guard)
     }
 
+    /// Append one record of `len` bytes, produced by `encode(seed)` once
+    /// the segment (and so its seed) is known.
+    pub(crate) fn append_encoded(
+        &self,
+        len: usize,
+        expiry: u64,
+        encode: impl Fn(u32) -> Vec<u8>,
+        guard: &Guard,
+    ) -> Result<Position> {
+        self.check_poison()?;
+        if len + format::SEGMENT_HEADER_LEN > self.segment_size {
+            return Err(Error::Config(format!(
+                "a {len}-byte record does not fit in {}-byte segments",
+                self.segment_size
+            )));
+        }
+        loop {
+            let seg = self.active(guard);
+            let off = seg.cursor.fetch_add(len as u64, AcqRel);
+            let end = off + len as u64;
+            if end <= seg.capacity as u64 {
+                seg.file.write_at(off as usize, &encode(seg.seed));
+                seg.max_expiry.fetch_max(expiry, Relaxed);
+                let mut spins = 0;
+                while seg.published.load(Acquire) != off {
+                    backoff(&mut spins);
+                }
+                seg.published.store(end, Release);
+                return Ok(Position::new(seg.seq, end as usize));
+            }
+            if off <= seg.capacity as u64 {
+                self.rotate(seg, off as usize, guard)?;
+            } else {
+                drop(self.rotation.lock());
+                self.check_poison()?;
+                if std::ptr::eq(self.active(guard), seg) {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
     /// Append records with one reservation (so writers on other threads
     /// contend once per call, not once per record); returns the position
     /// just past the last. `records` must fit in a segment.

@@ -1,0 +1,299 @@
+//! The idempotency guard: run a piece of work at most once per id.
+//!
+//! ```text
+//! process_if_new(id, work):
+//!   claim id in memory ──► someone has it in flight? ── yes ──► InFlight, or wait for them
+//!        │ new                                                  (their success → AlreadyProcessed,
+//!        ▼                                                       their failure → we take the claim)
+//!   run work ── Ok ──► log the mark (durable per the engine) ──► Success
+//!        └───── Err / panic / cancelled ──► release the claim ──► Failed (a retry can run)
+//! ```
+//!
+//! The mark becomes durable only *after* the work succeeded, so a crash
+//! between the two leaves the id unmarked and the work runs again on
+//! redelivery: at-least-once, the documented window. It never leaves an id
+//! marked whose work did not finish.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::engine::{Deferred, PendingMark};
+use crate::{Engine, Error, Fingerprint, Result};
+
+/// What to do when a second call for an id arrives while the first is
+/// still running its work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InFlightPolicy {
+    /// Return [`Outcome::InFlight`] at once (the caller can requeue).
+    ReturnInFlight,
+    /// Wait for the first call: [`Outcome::AlreadyProcessed`] if it
+    /// succeeded; if it failed, take the claim over and run the work.
+    #[default]
+    Wait,
+}
+
+/// The result of [`IdempotencyGuard::process_if_new`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome<T, E> {
+    /// The work ran, succeeded, and the id is marked.
+    Success(T),
+    /// The id was already processed; the work did not run.
+    AlreadyProcessed,
+    /// Another call is running the work for this id right now
+    /// ([`InFlightPolicy::ReturnInFlight`] only); the work did not run.
+    InFlight,
+    /// The work ran and failed; the claim was released so a retry can run.
+    Failed(E),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimState {
+    Running,
+    Succeeded,
+    Released,
+}
+
+/// Claims in flight, sharded by fingerprint so no lock is global.
+const INFLIGHT_SHARDS: usize = 64;
+type InFlight = Mutex<HashMap<u128, watch::Sender<ClaimState>>>;
+
+/// Wraps an [`Engine`] to run work at most once per id.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use std::sync::Arc;
+/// use seen::{Engine, guard::{IdempotencyGuard, Outcome}};
+///
+/// let guard = IdempotencyGuard::new(Arc::new(Engine::builder().build()?));
+/// let first = guard.process_if_new("order-7", async { Ok::<_, std::io::Error>("charged") }).await?;
+/// assert!(matches!(first, Outcome::Success("charged")));
+/// let again = guard.process_if_new("order-7", async { Ok::<_, std::io::Error>("charged twice!") }).await?;
+/// assert!(matches!(again, Outcome::AlreadyProcessed));
+/// # Ok::<(), seen::Error>(()) });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub struct IdempotencyGuard {
+    engine: Arc<Engine>,
+    policy: InFlightPolicy,
+    inflight: Box<[InFlight]>,
+}
+
+impl std::fmt::Debug for IdempotencyGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyGuard")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Claim {
+    Ours(PendingMark, watch::Sender<ClaimState>),
+    Done,
+    Busy(watch::Receiver<ClaimState>),
+}
+
+impl IdempotencyGuard {
+    /// A guard that waits for in-flight duplicates ([`InFlightPolicy::Wait`]).
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self::with_policy(engine, InFlightPolicy::default())
+    }
+
+    /// A guard with an explicit in-flight policy.
+    pub fn with_policy(engine: Arc<Engine>, policy: InFlightPolicy) -> Self {
+        IdempotencyGuard {
+            engine,
+            policy,
+            inflight: (0..INFLIGHT_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The engine underneath.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn shard(&self, fp: Fingerprint) -> &InFlight {
+        &self.inflight[(fp.hi() >> 58) as usize % INFLIGHT_SHARDS]
+    }
+
+    fn try_claim(&self, fp: Fingerprint) -> Result<Claim> {
+        let mut map = self.shard(fp).lock();
+        if let Some(tx) = map.get(&fp.0) {
+            match *tx.borrow() {
+                ClaimState::Running => return Ok(Claim::Busy(tx.subscribe())),
+                ClaimState::Succeeded => return Ok(Claim::Done),
+                ClaimState::Released => {}
+            }
+        }
+        // Decided under the shard lock: no second caller can slip between
+        // "not in flight" and "claimed".
+        match self.engine.claim_fingerprint(fp)? {
+            Deferred::New(mark) => {
+                let (tx, _) = watch::channel(ClaimState::Running);
+                map.insert(fp.0, tx.clone());
+                Ok(Claim::Ours(mark, tx))
+            }
+            Deferred::Duplicate => Ok(Claim::Done),
+        }
+    }
+
+    /// Run `work` if `id` was not processed before; see [`Outcome`].
+    ///
+    /// Errors (`Err`) are about the id or storage, never about the work:
+    /// an invalid id, a memory ceiling under `Reject`, or a log failure
+    /// while marking (then the claim is released and the work's result is
+    /// dropped; the work may run again on retry).
+    pub async fn process_if_new<T, E, F>(
+        &self,
+        id: impl AsRef<[u8]>,
+        work: F,
+    ) -> Result<Outcome<T, E>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let fp = self.engine.fingerprint(id)?;
+        let (mark, tx) = loop {
+            match self.try_claim(fp)? {
+                Claim::Ours(mark, tx) => break (mark, tx),
+                Claim::Done => {
+                    self.engine.wait_durable_if_sync()?;
+                    return Ok(Outcome::AlreadyProcessed);
+                }
+                Claim::Busy(mut rx) => {
+                    let stripe = self.engine.counters().stripe();
+                    stripe.inflight_collisions.fetch_add(1, Relaxed);
+                    if self.policy == InFlightPolicy::ReturnInFlight {
+                        return Ok(Outcome::InFlight);
+                    }
+                    let state = rx
+                        .wait_for(|s| *s != ClaimState::Running)
+                        .await
+                        .map(|s| *s)
+                        // The claimant vanished without a verdict: released.
+                        .unwrap_or(ClaimState::Released);
+                    if state == ClaimState::Succeeded {
+                        return Ok(Outcome::AlreadyProcessed);
+                    }
+                    // Released: loop and try to take the claim over.
+                }
+            }
+        };
+        let mut claim = ClaimHandle {
+            guard: self,
+            fp,
+            mark: Some(mark),
+            tx,
+        };
+        match work.await {
+            Ok(value) => {
+                claim.commit()?;
+                Ok(Outcome::Success(value))
+            }
+            Err(e) => {
+                self.engine.counters().stripe().failed.fetch_add(1, Relaxed);
+                claim.release();
+                Ok(Outcome::Failed(e))
+            }
+        }
+    }
+
+    /// Compatibility: has `id` been processed (marked and not expired)?
+    pub fn is_processed(&self, id: impl AsRef<[u8]>) -> Result<bool> {
+        self.engine.contains(id)
+    }
+
+    /// Compatibility: mark `id` processed without running anything, with
+    /// optional JSON metadata stored beside the mark in the log (at most
+    /// [`MAX_METADATA_LEN`] bytes as compact JSON). Returns `true` if the
+    /// id was newly marked.
+    pub fn mark_processed(
+        &self,
+        id: impl AsRef<[u8]>,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<bool> {
+        let meta = match metadata {
+            Some(v) => {
+                let bytes = serde_json::to_vec(v).map_err(|e| Error::Config(e.to_string()))?;
+                if bytes.len() > MAX_METADATA_LEN {
+                    return Err(Error::MetadataTooLarge {
+                        len: bytes.len(),
+                        max: MAX_METADATA_LEN,
+                    });
+                }
+                Some(bytes)
+            }
+            None => None,
+        };
+        self.engine
+            .check_and_insert_with_metadata(id, meta.as_deref())
+            .map(|v| v.is_new())
+    }
+
+    /// Compatibility: reclaim expired marks now; returns how many.
+    pub fn cleanup_old_events(&self) -> usize {
+        self.engine.expire_now()
+    }
+}
+
+/// Largest metadata accepted by [`IdempotencyGuard::mark_processed`].
+pub const MAX_METADATA_LEN: usize = crate::wal::format::MAX_RECORD_METADATA;
+
+/// A claim being worked on. Dropped without `commit` — the work failed,
+/// panicked, or its future was cancelled — it releases the id.
+struct ClaimHandle<'g> {
+    guard: &'g IdempotencyGuard,
+    fp: Fingerprint,
+    mark: Option<PendingMark>,
+    tx: watch::Sender<ClaimState>,
+}
+
+impl ClaimHandle<'_> {
+    fn finish(&mut self, state: ClaimState) {
+        let mut map = self.guard.shard(self.fp).lock();
+        self.tx.send_replace(state);
+        map.remove(&self.fp.0);
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        let Some(mark) = self.mark.take() else {
+            return Ok(());
+        };
+        match self.guard.engine.commit(&[mark]) {
+            Ok(()) => {
+                self.finish(ClaimState::Succeeded);
+                Ok(())
+            }
+            Err(e) => {
+                self.mark = Some(mark);
+                self.release();
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(mark) = self.mark.take() {
+            self.guard.engine.release(mark);
+            self.guard
+                .engine
+                .counters()
+                .stripe()
+                .released
+                .fetch_add(1, Relaxed);
+            self.finish(ClaimState::Released);
+        }
+    }
+}
+
+impl Drop for ClaimHandle<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
