@@ -276,7 +276,7 @@ impl EngineBuilder {
             })?,
         };
         let set = self.set();
-        self.finish(set, secret, None)
+        self.finish(set, secret, None, Default::default())
     }
 
     /// Open (or create) a durable engine in the state directory `dir`:
@@ -330,16 +330,29 @@ impl EngineBuilder {
             &mut replay,
             progress,
         )?;
+        let histograms = crate::metrics::Histograms::default();
+        histograms
+            .replay_seconds
+            .observe(opened.report.duration.as_secs_f64());
+        opened
+            .wal
+            .set_sync_histogram(histograms.sync_seconds.clone());
         let durable = Durable {
             wal: opened.wal,
             durability: self.durability,
             report: opened.report,
             _lock: lock,
         };
-        self.finish(set, opened.secret, Some(durable))
+        self.finish(set, opened.secret, Some(durable), histograms)
     }
 
-    fn finish(self, set: ShardedSet, secret: Secret, durable: Option<Durable>) -> Result<Engine> {
+    fn finish(
+        self,
+        set: ShardedSet,
+        secret: Secret,
+        durable: Option<Durable>,
+        histograms: crate::metrics::Histograms,
+    ) -> Result<Engine> {
         let schedule = SweepSchedule::for_ttl(self.ttl);
         let flush_every = match durable.as_ref().map(|d| d.durability) {
             Some(Durability::Periodic(every)) => Some(every),
@@ -354,6 +367,7 @@ impl EngineBuilder {
             counters: Counters::new(),
             sweep_interval: schedule.interval,
             durable,
+            histograms,
         });
         let mut background = Vec::new();
         if self.background_sweep && self.ttl != Duration::ZERO {
@@ -476,6 +490,7 @@ struct Inner {
     counters: Counters,
     sweep_interval: Duration,
     durable: Option<Durable>,
+    histograms: crate::metrics::Histograms,
 }
 
 impl Inner {
@@ -899,6 +914,10 @@ impl Engine {
     /// Under `Sync`, wait until everything logged so far is durable.
     pub(crate) fn wait_durable_if_sync(&self) -> Result<()> {
         self.wait_if_sync(&epoch::pin())
+    }
+
+    pub(crate) fn histograms(&self) -> &crate::metrics::Histograms {
+        &self.inner.histograms
     }
 
     pub(crate) fn counters(&self) -> &Counters {

@@ -2,10 +2,12 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod config;
 mod engine;
 mod error;
 mod fingerprint;
 pub mod guard;
+pub mod metrics;
 mod prefetch;
 mod set;
 mod stats;
@@ -18,6 +20,7 @@ pub mod wal;
 #[doc(hidden)]
 pub mod fuzzing;
 
+pub use config::Config;
 pub use engine::{
     Deferred, Engine, EngineBuilder, MemoryPolicy, PendingMark, Stats, Verdict, DEFAULT_MAX_ID_LEN,
     DEFAULT_TTL, MAX_ID_LEN_LIMIT,

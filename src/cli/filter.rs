@@ -19,9 +19,10 @@ pub(crate) struct FilterArgs {
     #[arg(long = "key", value_name = "POINTER")]
     keys: Vec<String>,
 
-    /// How long an id is remembered: `90s`, `1h`, `7d`, or seconds; 0 disables dedup.
-    #[arg(long, default_value = "1h", value_parser = super::parse_ttl, env = "SEEN_TTL")]
-    ttl: Duration,
+    /// How long an id is remembered: `90s`, `1h`, `7d`, or seconds; 0
+    /// disables dedup [default: 1h; env KAFKA_DEDUP_TTL_SECONDS is an alias].
+    #[arg(long, value_parser = super::parse_ttl, env = "SEEN_TTL_SECONDS")]
+    ttl: Option<Duration>,
 
     /// What to do with a line whose id cannot be read (bad JSON, missing
     /// key, empty or oversized id).
@@ -51,6 +52,11 @@ pub(crate) struct FilterArgs {
     /// Sync interval for `--durability periodic`.
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     flush_interval: Duration,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics while running
+    /// (e.g. 127.0.0.1:9898).
+    #[arg(long, value_name = "ADDR", env = "SEEN_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 
     /// Print no summary on stderr.
     #[arg(long, short)]
@@ -112,7 +118,15 @@ pub(crate) fn run(args: FilterArgs) -> anyhow_like::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_INVALID_INPUT));
         }
     }
-    let builder = Engine::builder().ttl(args.ttl).max_id_len(args.max_id_len);
+    let ttl = match args.ttl {
+        Some(ttl) => ttl,
+        None => match std::env::var("KAFKA_DEDUP_TTL_SECONDS") {
+            Ok(v) => super::parse_ttl(&v)
+                .map_err(|e| anyhow_like::Error::msg(format!("KAFKA_DEDUP_TTL_SECONDS: {e}")))?,
+            Err(_) => seen::DEFAULT_TTL,
+        },
+    };
+    let builder = Engine::builder().ttl(ttl).max_id_len(args.max_id_len);
     let engine = match &args.state {
         None => builder.build()?,
         Some(dir) => {
@@ -142,6 +156,10 @@ pub(crate) fn run(args: FilterArgs) -> anyhow_like::Result<ExitCode> {
             engine
         }
     };
+    let engine = std::sync::Arc::new(engine);
+    if let Some(addr) = args.metrics_addr {
+        super::serve_metrics(addr, &engine)?;
+    }
     let started = Instant::now();
     let stdin = io::stdin().lock();
     let stdout = io::stdout().lock();
@@ -304,6 +322,9 @@ pub(crate) mod anyhow_like {
     impl Error {
         pub(crate) fn io(what: &str, e: std::io::Error) -> Error {
             Error(format!("{what}: {e}"))
+        }
+        pub(crate) fn msg(m: impl Into<String>) -> Error {
+            Error(m.into())
         }
     }
 

@@ -50,6 +50,42 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// Serve `/metrics` for `engine` on `addr` from a background thread.
+pub(crate) fn serve_metrics(
+    addr: std::net::SocketAddr,
+    engine: &std::sync::Arc<seen::Engine>,
+) -> Result<(), filter::anyhow_like::Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    seen::metrics::register(&mut registry, engine);
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| filter::anyhow_like::Error::msg(format!("metrics address {addr}: {e}")))?;
+    std::thread::Builder::new()
+        .name("seen-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    let mut body = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
+                    let header = tiny_http::Header::from_bytes(
+                        "Content-Type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .ok();
+                    let mut r = tiny_http::Response::from_string(body);
+                    if let Some(h) = header {
+                        r.add_header(h);
+                    }
+                    r
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| filter::anyhow_like::Error::io("metrics thread", e))?;
+    Ok(())
+}
+
 /// A progress bar on stderr; hidden when stderr is not a terminal or `quiet`.
 pub(crate) fn progress_bar(what: &'static str, quiet: bool) -> indicatif::ProgressBar {
     if quiet {

@@ -149,6 +149,7 @@ pub(crate) struct Wal {
     sync_state: Mutex<SyncState>,
     synced_cv: Condvar,
     poisoned: AtomicBool,
+    sync_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     /// Tests simulating power loss drop the log without its final sync.
     pub(crate) skip_final_sync: AtomicBool,
 }
@@ -177,6 +178,7 @@ impl Wal {
             synced_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             skip_final_sync: AtomicBool::new(false),
+            sync_seconds: std::sync::OnceLock::new(),
         }
     }
 
@@ -348,6 +350,11 @@ impl Wal {
         create_segment(&*self.storage, self.store_id, self.segment_size, seq)
     }
 
+    /// Observe sync durations into `h`.
+    pub(crate) fn set_sync_histogram(&self, h: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.sync_seconds.set(h);
+    }
+
     /// The position just past every record published so far.
     pub(crate) fn published(&self, guard: &Guard) -> Position {
         let seg = self.active(guard);
@@ -376,7 +383,11 @@ impl Wal {
             }
             st.syncing = true;
             drop(st);
+            let started = std::time::Instant::now();
             let result = self.sync_published();
+            if let Some(h) = self.sync_seconds.get() {
+                h.observe(started.elapsed().as_secs_f64());
+            }
             st = self.sync_state.lock();
             st.syncing = false;
             match result {
