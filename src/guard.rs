@@ -58,9 +58,40 @@ enum ClaimState {
     Released,
 }
 
-/// Claims in flight, sharded by fingerprint so no lock is global.
+/// Claims in flight, sharded by fingerprint so no lock is global. The
+/// value is the channel waiters listen on, made only when someone waits:
+/// an uncontended claim allocates nothing.
 const INFLIGHT_SHARDS: usize = 64;
-type InFlight = Mutex<HashMap<u128, watch::Sender<ClaimState>>>;
+type InFlight = Mutex<HashMap<u128, Option<watch::Sender<ClaimState>>, FingerprintHash>>;
+
+/// Fingerprints are already uniformly random: hash by taking 64 of their bits.
+#[derive(Default, Clone, Copy)]
+struct FingerprintHash;
+
+impl std::hash::BuildHasher for FingerprintHash {
+    type Hasher = FingerprintHasher;
+    fn build_hasher(&self) -> FingerprintHasher {
+        FingerprintHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl std::hash::Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only used for u128 keys (write_u128); fold anything else in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
 
 /// Wraps an [`Engine`] to run work at most once per id.
 ///
@@ -94,7 +125,7 @@ impl std::fmt::Debug for IdempotencyGuard {
 }
 
 enum Claim {
-    Ours(PendingMark, watch::Sender<ClaimState>),
+    Ours(PendingMark),
     Done,
     Busy(watch::Receiver<ClaimState>),
 }
@@ -110,7 +141,9 @@ impl IdempotencyGuard {
         IdempotencyGuard {
             engine,
             policy,
-            inflight: (0..INFLIGHT_SHARDS).map(|_| Mutex::default()).collect(),
+            inflight: (0..INFLIGHT_SHARDS)
+                .map(|_| Mutex::new(HashMap::with_capacity_and_hasher(16, FingerprintHash)))
+                .collect(),
         }
     }
 
@@ -125,20 +158,17 @@ impl IdempotencyGuard {
 
     fn try_claim(&self, fp: Fingerprint) -> Result<Claim> {
         let mut map = self.shard(fp).lock();
-        if let Some(tx) = map.get(&fp.0) {
-            match *tx.borrow() {
-                ClaimState::Running => return Ok(Claim::Busy(tx.subscribe())),
-                ClaimState::Succeeded => return Ok(Claim::Done),
-                ClaimState::Released => {}
-            }
+        if let Some(waiters) = map.get_mut(&fp.0) {
+            // In flight: listen for its verdict.
+            let tx = waiters.get_or_insert_with(|| watch::channel(ClaimState::Running).0);
+            return Ok(Claim::Busy(tx.subscribe()));
         }
         // Decided under the shard lock: no second caller can slip between
         // "not in flight" and "claimed".
         match self.engine.claim_fingerprint(fp)? {
             Deferred::New(mark) => {
-                let (tx, _) = watch::channel(ClaimState::Running);
-                map.insert(fp.0, tx.clone());
-                Ok(Claim::Ours(mark, tx))
+                map.insert(fp.0, None);
+                Ok(Claim::Ours(mark))
             }
             Deferred::Duplicate => Ok(Claim::Done),
         }
@@ -159,9 +189,9 @@ impl IdempotencyGuard {
         F: Future<Output = Result<T, E>>,
     {
         let fp = self.engine.fingerprint(id)?;
-        let (mark, tx) = loop {
+        let mark = loop {
             match self.try_claim(fp)? {
-                Claim::Ours(mark, tx) => break (mark, tx),
+                Claim::Ours(mark) => break mark,
                 Claim::Done => {
                     self.engine.wait_durable_if_sync()?;
                     return Ok(Outcome::AlreadyProcessed);
@@ -189,7 +219,6 @@ impl IdempotencyGuard {
             guard: self,
             fp,
             mark: Some(mark),
-            tx,
         };
         match work.await {
             Ok(value) => {
@@ -251,14 +280,16 @@ struct ClaimHandle<'g> {
     guard: &'g IdempotencyGuard,
     fp: Fingerprint,
     mark: Option<PendingMark>,
-    tx: watch::Sender<ClaimState>,
 }
 
 impl ClaimHandle<'_> {
+    /// Leave the in-flight table and tell any waiters (one atomic step, so
+    /// a newcomer sees either the claim or the engine's final answer).
     fn finish(&mut self, state: ClaimState) {
         let mut map = self.guard.shard(self.fp).lock();
-        self.tx.send_replace(state);
-        map.remove(&self.fp.0);
+        if let Some(Some(tx)) = map.remove(&self.fp.0) {
+            tx.send_replace(state);
+        }
     }
 
     fn commit(&mut self) -> Result<()> {

@@ -202,6 +202,7 @@ impl Wal {
 
     fn poison(&self, what: &str, e: &std::io::Error) -> Error {
         let reason = format!("{what}: {e}");
+        tracing::error!(%reason, "seen: log poisoned; all further marks fail until reopened");
         let mut st = self.sync_state.lock();
         if st.poisoned.is_none() {
             st.poisoned = Some(reason.clone());
@@ -334,6 +335,11 @@ impl Wal {
             bytes: end as u64,
             max_expiry: seg.max_expiry.load(Relaxed),
         });
+        tracing::debug!(
+            sealed = seg.seq,
+            next = next.seq,
+            "seen: log segment rolled over"
+        );
         let next_start = Position::new(next.seq, next.published.load(Relaxed) as usize);
         let old = self.active.swap(Owned::new(next), AcqRel, guard);
         self.durable.fetch_max(next_start.0, AcqRel);
@@ -437,6 +443,7 @@ impl Wal {
         let mut deleted = 0;
         sealed.retain(|s| {
             if s.max_expiry <= now_unix && self.storage.remove(&s.name).is_ok() {
+                tracing::debug!(segment = %s.name, "seen: deleted an expired log segment");
                 deleted += 1;
                 false
             } else {

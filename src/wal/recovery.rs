@@ -345,6 +345,31 @@ pub(crate) fn open(
     );
     report.deleted_segments = wal.delete_expired(now_unix);
     report.duration = started.elapsed();
+    tracing::info!(
+        segments = report.segments,
+        replayed = report.replayed,
+        expired = report.expired,
+        forgotten = report.forgotten,
+        seconds = report.duration.as_secs_f64(),
+        "seen: log replayed"
+    );
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            dropped_records = report.dropped_records,
+            "seen: cut a torn tail from the last log segment"
+        );
+    }
+    if !report.salvaged.is_empty() || !report.skipped_segments.is_empty() {
+        tracing::warn!(
+            ranges = report.salvaged.len(),
+            segments = report.skipped_segments.len(),
+            "seen: salvage skipped damaged log data"
+        );
+    }
+    if !report.stray_files.is_empty() {
+        tracing::warn!(files = ?report.stray_files, "seen: stray files in the state directory");
+    }
     Ok(Opened {
         wal,
         secret,
