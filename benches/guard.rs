@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async move {
                 let t = Instant::now();
                 for k in 0..iters {
-                    black_box(engine.check_and_insert(id(k, start_base)).unwrap());
+                    let _ = black_box(engine.check_and_insert(id(k, start_base)).unwrap());
                 }
                 t.elapsed()
             })
