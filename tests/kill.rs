@@ -32,6 +32,7 @@ fn engine(dir: &Path) -> Engine {
 
 fn child(dir: &str, start: u64) {
     let e = engine(Path::new(dir));
+    println!("READY");
     let mut next = start;
     loop {
         let ids: Vec<[u8; 8]> = (next..next + BATCH).map(id).collect();
@@ -87,17 +88,30 @@ fn main() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let deadline = Instant::now() + Duration::from_micros(2_000 + rng.below(40_000));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acks = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if line == "READY" {
+                    let _ = ready_tx.send(());
+                }
                 acks.push(line);
             }
             acks
         });
+        // One round in four kills at a random moment of startup and
+        // recovery; the rest wait until the child writes, then kill it a
+        // random 0–8 ms into its batches.
+        let delay = if rng.below(4) == 0 {
+            Duration::from_micros(rng.below(20_000))
+        } else {
+            let _ = ready_rx.recv_timeout(Duration::from_secs(10));
+            Duration::from_micros(rng.below(8_000))
+        };
+        let deadline = Instant::now() + delay;
         while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
+            std::hint::spin_loop();
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

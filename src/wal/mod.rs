@@ -226,46 +226,23 @@ impl Wal {
         encode: impl Fn(u32) -> Vec<u8>,
         guard: &Guard,
     ) -> Result<Position> {
-        self.check_poison()?;
         if len + format::SEGMENT_HEADER_LEN > self.segment_size {
             return Err(Error::Config(format!(
                 "a {len}-byte record does not fit in {}-byte segments",
                 self.segment_size
             )));
         }
-        loop {
-            let seg = self.active(guard);
-            let off = seg.cursor.fetch_add(len as u64, AcqRel);
-            let end = off + len as u64;
-            if end <= seg.capacity as u64 {
-                seg.file.write_at(off as usize, &encode(seg.seed));
-                seg.max_expiry.fetch_max(expiry, Relaxed);
-                let mut spins = 0;
-                while seg.published.load(Acquire) != off {
-                    backoff(&mut spins);
-                }
-                seg.published.store(end, Release);
-                return Ok(Position::new(seg.seq, end as usize));
-            }
-            if off <= seg.capacity as u64 {
-                self.rotate(seg, off as usize, guard)?;
-            } else {
-                drop(self.rotation.lock());
-                self.check_poison()?;
-                if std::ptr::eq(self.active(guard), seg) {
-                    std::thread::yield_now();
-                }
-            }
-        }
+        self.append_with(len, expiry, guard, |seg, off| {
+            seg.file.write_at(off, &encode(seg.seed));
+        })
     }
 
     /// Append records with one reservation (so writers on other threads
     /// contend once per call, not once per record); returns the position
     /// just past the last. `records` must fit in a segment.
     pub(crate) fn append_all(&self, records: &[Record], guard: &Guard) -> Result<Position> {
-        self.check_poison()?;
-        let len = (records.len() * MARK_RECORD_LEN) as u64;
-        debug_assert!(len as usize + format::SEGMENT_HEADER_LEN <= self.segment_size);
+        let len = records.len() * MARK_RECORD_LEN;
+        debug_assert!(len + format::SEGMENT_HEADER_LEN <= self.segment_size);
         let max_expiry = records
             .iter()
             .map(|r| match *r {
@@ -278,15 +255,31 @@ impl Wal {
             })
             .max()
             .unwrap_or(0);
+        self.append_with(len, max_expiry, guard, |seg, off| {
+            for (i, record) in records.iter().enumerate() {
+                let at = off + i * MARK_RECORD_LEN;
+                seg.file.write_at(at, &encode_record(seg.seed, record));
+            }
+        })
+    }
+
+    /// Reserve `len` bytes in the active segment, `write` them, publish in
+    /// reservation order. Rolls the segment over when it is full.
+    fn append_with(
+        &self,
+        len: usize,
+        max_expiry: u64,
+        guard: &Guard,
+        write: impl Fn(&Segment, usize),
+    ) -> Result<Position> {
+        self.check_poison()?;
+        let len = len as u64;
         loop {
             let seg = self.active(guard);
             let off = seg.cursor.fetch_add(len, AcqRel);
             let end = off + len;
             if end <= seg.capacity as u64 {
-                for (i, record) in records.iter().enumerate() {
-                    let at = off as usize + i * MARK_RECORD_LEN;
-                    seg.file.write_at(at, &encode_record(seg.seed, record));
-                }
+                write(seg, off as usize);
                 if max_expiry > seg.max_expiry.load(Relaxed) {
                     seg.max_expiry.fetch_max(max_expiry, Relaxed);
                 }
