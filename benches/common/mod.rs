@@ -63,10 +63,13 @@ pub trait DedupHashed: Sync {
 }
 
 pub fn seen_engine() -> Engine {
-    Engine::builder()
-        .ttl(Duration::from_secs(24 * 3600))
-        .build()
-        .unwrap()
+    let builder = Engine::builder().ttl(Duration::from_secs(24 * 3600));
+    // SEEN_BENCH_PRESIZE=1: size for the whole run up front (what a user
+    // who sets `capacity` gets); default: grow from empty like the peers.
+    match std::env::var("SEEN_BENCH_PRESIZE") {
+        Ok(_) => builder.capacity(4 * RESIDENT as usize).build().unwrap(),
+        Err(_) => builder.build().unwrap(),
+    }
 }
 
 impl Dedup for Engine {
