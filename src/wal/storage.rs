@@ -109,11 +109,11 @@ fn preallocate(file: &File, size: usize) -> io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
-    if rc == 0 {
-        Ok(())
-    } else if rc == libc::EOPNOTSUPP || rc == libc::EINVAL {
-        // File systems without fallocate: write real zeros instead, so the
-        // blocks exist before the mapping touches them.
+    if rc == 0 || rc == libc::EOPNOTSUPP || rc == libc::EINVAL {
+        // fallocate reserves the blocks (so a full disk fails here, not as a
+        // SIGBUS in the mapping), but leaves them "unwritten": every sync
+        // that touches one would then convert extents in a journal commit.
+        // Writing real zeros once makes later syncs pure data writes.
         let zeros = vec![0u8; 1 << 20];
         let mut at = 0;
         while at < size {
