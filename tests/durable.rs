@@ -313,3 +313,50 @@ fn durability_modes_all_persist_on_clean_shutdown() {
         assert_eq!(e.len(), 300, "{d:?}");
     }
 }
+
+#[test]
+fn concurrent_appends_across_rollovers_all_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let threads = 4u32;
+    let per_thread = 3000u32;
+    {
+        let e = Arc::new(open(dir.path(), &clock));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        let id = (t * 1_000_000 + i).to_le_bytes();
+                        if i % 3 == 0 {
+                            let batch: Vec<[u8; 4]> = (0..7)
+                                .map(|j| (t * 1_000_000 + 500_000 + i * 7 + j).to_le_bytes())
+                                .collect();
+                            assert!(e
+                                .check_and_insert_batch(&batch)
+                                .unwrap()
+                                .iter()
+                                .all(|v| v.is_new()));
+                        }
+                        assert!(e.check_and_insert(id).unwrap().is_new());
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+    assert!(
+        segments(dir.path()).len() > 20,
+        "tiny segments rolled over many times"
+    );
+    let e = open_with(dir.path(), &clock, RecoveryMode::AbsoluteConsistency).unwrap();
+    let expected = threads as u64 * (per_thread as u64 + 1000 * 7);
+    assert_eq!(e.recovery_report().unwrap().replayed, expected);
+    for t in 0..threads {
+        for i in (0..per_thread).step_by(37) {
+            assert!(e.contains((t * 1_000_000 + i).to_le_bytes()).unwrap());
+        }
+    }
+}

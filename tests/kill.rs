@@ -1,5 +1,7 @@
 //! Kill harness. A child process marks ids under `Durability::Sync` in
-//! batches and acknowledges each batch to the parent over a pipe; the parent
+//! batches from two writer threads at once (so kills land in concurrent,
+//! lock-free appends and in segment rollovers) and acknowledges each batch
+//! to the parent over a pipe; the parent
 //! SIGKILLs it at random moments (200 times by default, `SEEN_KILL_ROUNDS`
 //! to change) and after every kill reopens the store and checks:
 //!
@@ -16,6 +18,9 @@ use std::time::{Duration, Instant};
 use seen::{Durability, Engine};
 
 const BATCH: u64 = 64;
+const WRITERS: u64 = 2;
+/// Writer `t` uses ids `t * LANE + n`.
+const LANE: u64 = 1 << 40;
 
 fn id(n: u64) -> [u8; 8] {
     n.to_le_bytes()
@@ -33,15 +38,22 @@ fn engine(dir: &Path) -> Engine {
 fn child(dir: &str, start: u64) {
     let e = engine(Path::new(dir));
     println!("READY");
-    let mut next = start;
-    loop {
-        let ids: Vec<[u8; 8]> = (next..next + BATCH).map(id).collect();
-        println!("BEGIN {}", next + BATCH);
-        e.check_and_insert_batch(&ids).expect("insert");
-        // Returned under Sync: the whole batch is durable. Acknowledge it.
-        println!("ACK {}", next + BATCH);
-        next += BATCH;
-    }
+    std::thread::scope(|s| {
+        for t in 0..WRITERS {
+            let e = &e;
+            s.spawn(move || {
+                let mut next = t * LANE + start;
+                loop {
+                    let ids: Vec<[u8; 8]> = (next..next + BATCH).map(id).collect();
+                    println!("BEGIN {}", next + BATCH);
+                    e.check_and_insert_batch(&ids).expect("insert");
+                    // Returned under Sync: the whole batch is durable.
+                    println!("ACK {}", next + BATCH);
+                    next += BATCH;
+                }
+            });
+        }
+    });
 }
 
 struct Rng(u64);
@@ -78,8 +90,10 @@ fn main() {
     // and the id from which nothing was ever handed to the engine. A batch
     // in flight at a kill is neither: it may or may not be there.
     let mut acked: Vec<u64> = Vec::new();
+    // Per writer lane: the offset from which nothing was handed to the engine.
     let mut attempted = 0u64;
     let mut kills_mid_batch = 0;
+    let mut cut_tails = 0;
     for round in 0..rounds {
         let mut child = Command::new(&exe)
             .env("SEEN_KILL_CHILD", dir.path())
@@ -121,7 +135,8 @@ fn main() {
             if let Some(n) = line.strip_prefix("ACK ") {
                 acked.push(n.parse().unwrap());
             } else if let Some(n) = line.strip_prefix("BEGIN ") {
-                attempted = attempted.max(n.parse().unwrap());
+                let n: u64 = n.parse().unwrap();
+                attempted = attempted.max(n % LANE);
             }
         }
         if lines.last().is_some_and(|l| l.starts_with("BEGIN")) {
@@ -160,8 +175,11 @@ fn main() {
                 "round {round}: phantom id {n} (seed {seed})"
             );
         }
+        // Records of a batch in flight may sit beyond a hole left by the
+        // other writer's unfinished batch; recovery cuts them with the tail.
+        // None of them was acknowledged (checked above).
         let r = e.recovery_report().unwrap();
-        assert_eq!(r.dropped_records, 0, "round {round}: {r:?}");
+        cut_tails += (r.truncated_bytes > 0) as u32;
     }
     assert!(
         acked.len() > 100,
@@ -169,7 +187,7 @@ fn main() {
         acked.len()
     );
     println!(
-        "kill harness: {rounds} SIGKILLs ({kills_mid_batch} mid-batch), {} ids acknowledged, all present; no phantoms; {:.1} s",
+        "kill harness: {rounds} SIGKILLs ({kills_mid_batch} mid-batch, {cut_tails} torn tails cut), {} ids acknowledged, all present; no phantoms; {:.1} s",
         acked.len() as u64 * BATCH,
         started.elapsed().as_secs_f64()
     );
