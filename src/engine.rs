@@ -308,17 +308,12 @@ impl EngineBuilder {
         self.validate()?;
         let set = self.set();
         let now = Tick::from_unix_secs(self.clock.now_unix_secs());
-        let guard = &epoch::pin();
         let no_progress = |_: usize, _: usize| {};
         let progress: &dyn Fn(usize, usize) = match &self.replay_progress {
             Some(f) => f.as_ref(),
             None => &no_progress,
         };
-        let mut replay = SetReplay {
-            set: &set,
-            now,
-            guard,
-        };
+        let replay = SetReplay { set: &set, now };
         let opened = recovery::open(
             storage,
             &recovery::OpenOptions {
@@ -327,7 +322,7 @@ impl EngineBuilder {
                 secret: self.secret,
             },
             now.to_unix_secs(),
-            &mut replay,
+            &replay,
             progress,
         )?;
         let histograms = crate::metrics::Histograms::default();
@@ -432,20 +427,20 @@ impl Drop for Tally<'_> {
 struct SetReplay<'a> {
     set: &'a ShardedSet,
     now: Tick,
-    guard: &'a epoch::Guard,
 }
 
 impl recovery::Replay for SetReplay<'_> {
-    fn reserve(&mut self, records: u64) {
+    fn reserve(&self, records: u64) {
         self.set.reserve(records as usize, self.now);
     }
 
-    fn apply(&mut self, records: &[Record]) -> (u64, u64) {
+    fn apply(&self, records: &[Record]) -> (u64, u64) {
+        let guard = &epoch::pin();
         let (mut marks, mut forgets) = (0, 0);
         for window in records.chunks(BATCH_WINDOW) {
             for r in window {
                 let (Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. }) = *r;
-                self.set.prefetch(Fingerprint(fingerprint), self.guard);
+                self.set.prefetch(Fingerprint(fingerprint), guard);
             }
             for r in window {
                 match *r {
@@ -455,14 +450,13 @@ impl recovery::Replay for SetReplay<'_> {
                     } => {
                         let expiry = Tick::from_unix_secs(expiry_unix_secs);
                         let fp = Fingerprint(fingerprint);
-                        if let Ok(Verdict::New) = self.set.insert(fp, self.now, expiry, self.guard)
-                        {
+                        if let Ok(Verdict::New) = self.set.insert(fp, self.now, expiry, guard) {
                             marks += 1;
                         }
                     }
                     Record::Forget { fingerprint, .. } => {
                         let fp = Fingerprint(fingerprint);
-                        if self.set.forget(fp, self.now, self.guard).is_some() {
+                        if self.set.forget(fp, self.now, guard).is_some() {
                             forgets += 1;
                         }
                     }

@@ -96,11 +96,63 @@ fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
 
 /// Open (or create) the log in `storage`, feeding every live record to `apply`.
 /// Where replayed records go.
-pub(crate) trait Replay {
+///
+/// Replay runs in lanes on several threads when the log is large: a
+/// record's lane is a function of its fingerprint, so every record of one
+/// fingerprint is applied by one thread, in log order.
+pub(crate) trait Replay: Sync {
     /// Room for this many records (called once, before any `apply`).
-    fn reserve(&mut self, records: u64);
+    fn reserve(&self, records: u64);
     /// Apply live records in log order; returns (marks loaded, forgets applied).
-    fn apply(&mut self, records: &[Record]) -> (u64, u64);
+    fn apply(&self, records: &[Record]) -> (u64, u64);
+}
+
+/// Logs smaller than this replay on the calling thread alone.
+const PARALLEL_REPLAY_MIN_RECORDS: u64 = 200_000;
+
+fn lane_of(r: &Record, lanes: u64) -> u64 {
+    let (Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. }) = *r;
+    ((fingerprint >> 96) as u64) % lanes
+}
+
+/// Replay one lane of every segment (a helper thread's share).
+fn replay_lane(
+    segments: &[(u64, String)],
+    files: &[super::storage::Bytes],
+    store_id: u128,
+    salvage: bool,
+    now_unix: u64,
+    (lane, lanes): (u64, u64),
+    sink: &dyn Replay,
+) -> (u64, u64) {
+    let (mut marks, mut forgets) = (0, 0);
+    let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
+    let mut flush = |chunk: &mut Vec<Record>| {
+        let (m, f) = sink.apply(chunk);
+        marks += m;
+        forgets += f;
+        chunk.clear();
+    };
+    for ((seq, _), bytes) in segments.iter().zip(files) {
+        // Damage handling is the main thread's business; a helper applies
+        // exactly the records the main thread's scan also accepts.
+        let _ = scan_segment(bytes, store_id, *seq, salvage, |_, r| {
+            let (Record::Mark {
+                expiry_unix_secs, ..
+            }
+            | Record::Forget {
+                expiry_unix_secs, ..
+            }) = r;
+            if expiry_unix_secs > now_unix && lane_of(&r, lanes) == lane {
+                chunk.push(r);
+                if chunk.len() == REPLAY_CHUNK {
+                    flush(&mut chunk);
+                }
+            }
+        });
+    }
+    flush(&mut chunk);
+    (marks, forgets)
 }
 
 /// Records handed to [`Replay::apply`] at a time.
@@ -110,7 +162,7 @@ pub(crate) fn open(
     storage: Arc<dyn Storage>,
     opts: &OpenOptions,
     now_unix: u64,
-    sink: &mut dyn Replay,
+    sink: &dyn Replay,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Opened> {
     let started = Instant::now();
@@ -197,103 +249,141 @@ pub(crate) fn open(
         files.push(bytes);
     }
     sink.reserve(expected);
-
+    let lanes = if expected >= PARALLEL_REPLAY_MIN_RECORDS {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1)
+            .clamp(1, 4)
+    } else {
+        1
+    };
     let mut sealed = Vec::new();
     let mut last: Option<LastSegment> = None;
     let total = segments.len();
-    let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
-    for (i, ((seq, name), bytes)) in segments.iter().zip(&files).enumerate() {
-        progress(i, total);
-        let is_last = i + 1 == total;
-        report.segments += 1;
-        report.bytes_scanned += bytes.len() as u64;
-        let mut flush = |chunk: &mut Vec<Record>, report: &mut RecoveryReport| {
-            let (marks, forgets) = sink.apply(chunk);
-            report.replayed += marks;
-            report.forgotten += forgets;
-            chunk.clear();
-        };
-        let scan = scan_segment(bytes, header.store_id, *seq, salvage, |_, r| {
-            report.records += 1;
-            let (Record::Mark {
-                expiry_unix_secs, ..
-            }
-            | Record::Forget {
-                expiry_unix_secs, ..
-            }) = r;
-            if expiry_unix_secs <= now_unix {
-                report.expired += 1;
-            } else {
-                chunk.push(r);
-                if chunk.len() == REPLAY_CHUNK {
-                    flush(&mut chunk, &mut report);
-                }
-            }
-        });
-        flush(&mut chunk, &mut report);
-        let scan = match scan {
-            Ok(scan) => scan,
-            Err(ScanError::Header(DecodeError::UnsupportedVersion(version))) => {
-                return Err(Error::UnsupportedVersion {
-                    file: st.path(name),
-                    version,
+    std::thread::scope(|scope| -> Result<()> {
+        // Lanes 1.. on helper threads; lane 0, and every decision about
+        // damage, on this one.
+        let helpers: Vec<_> = (1..lanes)
+            .map(|lane| {
+                let (segments, files) = (&segments, &files);
+                scope.spawn(move || {
+                    replay_lane(
+                        segments,
+                        files,
+                        header.store_id,
+                        salvage,
+                        now_unix,
+                        (lane, lanes),
+                        sink,
+                    )
                 })
-            }
-            Err(_) if salvage => {
-                report.skipped_segments.push(st.path(name));
-                continue;
-            }
-            Err(e) => return Err(corruption(st, name, 0, e.to_string())),
-        };
-        let mut cut = None;
-        let mut damaged = false;
-        if let Some(d) = &scan.damage {
-            match opts.mode {
-                RecoveryMode::Salvage => {
-                    damaged = true;
-                    for &(off, len) in &d.skipped {
-                        report
-                            .salvaged
-                            .push((st.path(name), off as u64, len as u64));
+            })
+            .collect();
+        let mut main = || -> Result<()> {
+            let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
+            for (i, ((seq, name), bytes)) in segments.iter().zip(&files).enumerate() {
+                progress(i, total);
+                let is_last = i + 1 == total;
+                report.segments += 1;
+                report.bytes_scanned += bytes.len() as u64;
+                let flush = |chunk: &mut Vec<Record>, report: &mut RecoveryReport| {
+                    let (marks, forgets) = sink.apply(chunk);
+                    report.replayed += marks;
+                    report.forgotten += forgets;
+                    chunk.clear();
+                };
+                let scan = scan_segment(bytes, header.store_id, *seq, salvage, |_, r| {
+                    report.records += 1;
+                    let (Record::Mark {
+                        expiry_unix_secs, ..
+                    }
+                    | Record::Forget {
+                        expiry_unix_secs, ..
+                    }) = r;
+                    if expiry_unix_secs <= now_unix {
+                        report.expired += 1;
+                    } else if lane_of(&r, lanes) == 0 {
+                        chunk.push(r);
+                        if chunk.len() == REPLAY_CHUNK {
+                            flush(&mut chunk, &mut report);
+                        }
+                    }
+                });
+                flush(&mut chunk, &mut report);
+                let scan = match scan {
+                    Ok(scan) => scan,
+                    Err(ScanError::Header(DecodeError::UnsupportedVersion(version))) => {
+                        return Err(Error::UnsupportedVersion {
+                            file: st.path(name),
+                            version,
+                        })
+                    }
+                    Err(_) if salvage => {
+                        report.skipped_segments.push(st.path(name));
+                        continue;
+                    }
+                    Err(e) => return Err(corruption(st, name, 0, e.to_string())),
+                };
+                let mut cut = None;
+                let mut damaged = false;
+                if let Some(d) = &scan.damage {
+                    match opts.mode {
+                        RecoveryMode::Salvage => {
+                            damaged = true;
+                            for &(off, len) in &d.skipped {
+                                report
+                                    .salvaged
+                                    .push((st.path(name), off as u64, len as u64));
+                            }
+                        }
+                        RecoveryMode::TolerateTornTail if is_last => {
+                            cut = Some((d.offset, d.nonzero_end));
+                            report.truncated_bytes += (d.nonzero_end - d.offset) as u64;
+                            report.dropped_records += d.valid_after;
+                        }
+                        _ => {
+                            let where_ = if is_last {
+                                "log tail"
+                            } else {
+                                "sealed segment"
+                            };
+                            return Err(corruption(
+                                st,
+                                name,
+                                d.offset as u64,
+                                format!("{} in {where_}", d.reason),
+                            ));
+                        }
                     }
                 }
-                RecoveryMode::TolerateTornTail if is_last => {
-                    cut = Some((d.offset, d.nonzero_end));
-                    report.truncated_bytes += (d.nonzero_end - d.offset) as u64;
-                    report.dropped_records += d.valid_after;
-                }
-                _ => {
-                    let where_ = if is_last {
-                        "log tail"
-                    } else {
-                        "sealed segment"
-                    };
-                    return Err(corruption(
-                        st,
-                        name,
-                        d.offset as u64,
-                        format!("{} in {where_}", d.reason),
-                    ));
+                if is_last {
+                    last = Some(LastSegment {
+                        seq: *seq,
+                        name: name.clone(),
+                        end: scan.end,
+                        max_expiry: scan.max_expiry,
+                        cut,
+                        seal: damaged || bytes.len() < scan.end + MARK_RECORD_LEN,
+                    });
+                } else {
+                    sealed.push(Sealed {
+                        name: name.clone(),
+                        bytes: scan.end as u64,
+                        max_expiry: scan.max_expiry,
+                    });
                 }
             }
+            Ok(())
+        };
+        let result = main();
+        for h in helpers {
+            // A helper only applies records; a panic there is a bug to surface.
+            let (marks, forgets) = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            report.replayed += marks;
+            report.forgotten += forgets;
         }
-        if is_last {
-            last = Some(LastSegment {
-                seq: *seq,
-                name: name.clone(),
-                end: scan.end,
-                max_expiry: scan.max_expiry,
-                cut,
-                seal: damaged || bytes.len() < scan.end + MARK_RECORD_LEN,
-            });
-        } else {
-            sealed.push(Sealed {
-                name: name.clone(),
-                bytes: scan.end as u64,
-                max_expiry: scan.max_expiry,
-            });
-        }
-    }
+        result
+    })?;
     progress(total, total);
     drop(files);
 
