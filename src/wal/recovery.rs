@@ -107,6 +107,31 @@ pub(crate) trait Replay: Sync {
     fn apply(&self, records: &[Record]) -> (u64, u64);
 }
 
+/// Length up to the last non-zero byte, read a word at a time from the end.
+fn used_len(bytes: &[u8]) -> usize {
+    let words = bytes.len() / 8;
+    let mut end = words;
+    while end > 0 {
+        let at = (end - 1) * 8;
+        let word = bytes
+            .get(at..at + 8)
+            .and_then(|w| w.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .unwrap_or(0);
+        if word != 0 {
+            break;
+        }
+        end -= 1;
+    }
+    if bytes
+        .get(words * 8..)
+        .is_some_and(|tail| tail.iter().any(|&b| b != 0))
+    {
+        return bytes.len();
+    }
+    end * 8
+}
+
 /// Logs smaller than this replay on the calling thread alone.
 const PARALLEL_REPLAY_MIN_RECORDS: u64 = 200_000;
 
@@ -237,15 +262,15 @@ pub(crate) fn open(
     }
 
     let salvage = opts.mode == RecoveryMode::Salvage;
-    // Pass 1: count records, so the set is sized once instead of growing
-    // through replay. Reading is mapping: the second pass costs no I/O.
+    // Estimate the record count from where each segment's zero tail
+    // starts, so the set is sized once instead of growing through replay.
+    // Reading is mapping: the replay pass costs no extra I/O.
     let mut files = Vec::with_capacity(segments.len());
     let mut expected = 0u64;
-    for (seq, name) in &segments {
+    for (_, name) in &segments {
         let bytes = st.read(name).map_err(io(st, name))?;
-        if let Ok(scan) = scan_segment(&bytes, header.store_id, *seq, salvage, |_, _| {}) {
-            expected += scan.records;
-        }
+        let used = used_len(&bytes).saturating_sub(format::SEGMENT_HEADER_LEN);
+        expected += (used / MARK_RECORD_LEN) as u64;
         files.push(bytes);
     }
     sink.reserve(expected);
