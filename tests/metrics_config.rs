@@ -148,7 +148,12 @@ fn bad_environment_values_name_the_variable() {
 
 #[test]
 fn cli_serves_metrics_while_filtering() {
-    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    // A port the OS just handed out (and we released) is very likely free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seen"))
         .args(["filter", "--batch", "1", "--metrics-addr", &addr])
