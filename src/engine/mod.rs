@@ -343,6 +343,16 @@ impl Engine {
         now: Tick,
         guard: &epoch::Guard,
     ) -> Result<crate::wal::Position> {
+        if let [(fp, expiry)] = *marks {
+            // The single-id path: no window to fill.
+            let record = Record::Mark {
+                fingerprint: fp.0,
+                expiry_unix_secs: expiry.to_unix_secs(),
+            };
+            return d.wal.append(&record, guard).inspect_err(|_| {
+                self.inner.set.forget(fp, now, guard);
+            });
+        }
         let mut records = [Record::Mark {
             fingerprint: 0,
             expiry_unix_secs: 0,
