@@ -329,8 +329,7 @@ impl recovery::Replay for SetReplay<'_> {
         let (mut marks, mut forgets) = (0, 0);
         for window in records.chunks(BATCH_WINDOW) {
             for r in window {
-                let (Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. }) = *r;
-                self.set.prefetch(Fingerprint(fingerprint), guard);
+                self.set.prefetch(Fingerprint(r.fingerprint()), guard);
             }
             for r in window {
                 match *r {

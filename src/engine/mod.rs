@@ -274,7 +274,7 @@ impl Engine {
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
         let now = self.inner.now();
-        self.insert_at(fp, now, ttl, guard)
+        self.insert_at(fp, now, ttl, None, guard)
     }
 
     /// Mark in memory and count; no logging.
@@ -302,11 +302,13 @@ impl Engine {
 
     /// The single-id path: mark, log, and wait as the durability says.
     #[inline]
+    /// `metadata` rides along in the log record (the guard's `mark_processed`).
     fn insert_at(
         &self,
         fp: Fingerprint,
         now: Tick,
         ttl: Duration,
+        metadata: Option<&[u8]>,
         guard: &epoch::Guard,
     ) -> Result<Verdict> {
         if ttl.is_zero() || self.inner.ttl.is_zero() {
@@ -320,15 +322,17 @@ impl Engine {
             let sync = d.durability == Durability::Sync;
             match verdict {
                 Verdict::New => {
-                    let pos = self.log(d, &[(fp, expiry)], now, guard)?;
+                    let pos = match metadata {
+                        None => self.log(d, &[(fp, expiry)], now, guard)?,
+                        Some(meta) => self.log_with_metadata(d, fp, expiry, meta, now, guard)?,
+                    };
                     if sync {
                         d.wal.wait_durable(pos)?;
                     }
                 }
                 // Under Sync, "duplicate" promises the earlier mark is on
                 // disk: the caller will drop the event on our word.
-                Verdict::Duplicate if sync => d.wal.wait_durable(d.wal.published(guard))?,
-                Verdict::Duplicate => {}
+                Verdict::Duplicate => self.wait_if_sync(guard)?,
             }
         }
         Ok(verdict)
@@ -498,41 +502,33 @@ impl Engine {
         id: impl AsRef<[u8]>,
         metadata: Option<&[u8]>,
     ) -> Result<Verdict> {
-        let (Some(meta), Some(d)) = (metadata, &self.inner.durable) else {
-            return self.check_and_insert(id);
-        };
         let fp = self.fingerprint(id)?;
-        let guard = &epoch::pin();
         let now = self.inner.now();
-        if self.inner.ttl.is_zero() {
-            return self.insert_at(fp, now, self.inner.ttl, guard);
-        }
-        let expiry = now.plus(self.inner.ttl);
-        let verdict = self.mark_in_memory(fp, now, expiry, guard, &mut Tally::new(self))?;
-        if verdict.is_new() {
-            let len =
-                crate::wal::format::record_len(crate::wal::format::MARK_PAYLOAD_LEN + meta.len());
-            let expiry_unix = expiry.to_unix_secs();
-            let pos = d
-                .wal
-                .append_encoded(
-                    len,
-                    expiry_unix,
-                    |seed| {
-                        crate::wal::format::encode_mark_with_metadata(seed, fp.0, expiry_unix, meta)
-                    },
-                    guard,
-                )
-                .inspect_err(|_| {
-                    self.inner.set.forget(fp, now, guard);
-                })?;
-            if d.durability == Durability::Sync {
-                d.wal.wait_durable(pos)?;
-            }
-        } else {
-            self.wait_if_sync(guard)?;
-        }
-        Ok(verdict)
+        self.insert_at(fp, now, self.inner.ttl, metadata, &epoch::pin())
+    }
+
+    /// [`Engine::log`] for one mark carrying metadata (a variable-length record).
+    fn log_with_metadata(
+        &self,
+        d: &Durable,
+        fp: Fingerprint,
+        expiry: Tick,
+        meta: &[u8],
+        now: Tick,
+        guard: &epoch::Guard,
+    ) -> Result<crate::wal::Position> {
+        use crate::wal::format::{encode_mark_with_metadata, record_len, MARK_PAYLOAD_LEN};
+        let expiry_unix = expiry.to_unix_secs();
+        d.wal
+            .append_encoded(
+                record_len(MARK_PAYLOAD_LEN + meta.len()),
+                expiry_unix,
+                |seed| encode_mark_with_metadata(seed, fp.0, expiry_unix, meta),
+                guard,
+            )
+            .inspect_err(|_| {
+                self.inner.set.forget(fp, now, guard);
+            })
     }
 
     /// Take back a pending mark that will not be committed (the work it

@@ -233,6 +233,27 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// The fingerprint the record is about.
+    pub fn fingerprint(&self) -> u128 {
+        match *self {
+            Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. } => fingerprint,
+        }
+    }
+
+    /// Until when the record matters (Unix seconds).
+    pub fn expiry_unix_secs(&self) -> u64 {
+        match *self {
+            Record::Mark {
+                expiry_unix_secs, ..
+            }
+            | Record::Forget {
+                expiry_unix_secs, ..
+            } => expiry_unix_secs,
+        }
+    }
+}
+
 /// Record layout (8-byte aligned, 32 bytes for both v1 kinds):
 ///
 /// ```text

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, DecodeError, Record, StoreHeader, STORE_FILE};
-use super::reader::{scan_segment, Damage, ScanError};
+use super::format::{self, Record, StoreHeader, STORE_FILE};
+use super::reader::{scan_segment, Damage};
 use crate::{Error, Result};
 
 /// One segment as found on disk.
@@ -57,22 +57,7 @@ pub fn inspect(dir: &Path, now_unix: u64, progress: &dyn Fn(usize, usize)) -> Re
     let io = |path: PathBuf| move |source| Error::Io { path, source };
     let store_path = dir.join(STORE_FILE);
     let bytes = fs::read(&store_path).map_err(io(store_path.clone()))?;
-    let header = match StoreHeader::decode(&bytes) {
-        Ok(h) => h,
-        Err(DecodeError::UnsupportedVersion(version)) => {
-            return Err(Error::UnsupportedVersion {
-                file: store_path,
-                version,
-            })
-        }
-        Err(e) => {
-            return Err(Error::Corruption {
-                file: store_path,
-                offset: 0,
-                reason: e.to_string(),
-            })
-        }
-    };
+    let header = StoreHeader::decode(&bytes).map_err(|e| super::header_error(store_path, e))?;
     let mut names = Vec::new();
     let mut stray_files = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir.to_path_buf()))? {
@@ -127,9 +112,7 @@ pub fn inspect(dir: &Path, now_unix: u64, progress: &dyn Fn(usize, usize)) -> Re
                 info.max_expiry = s.max_expiry;
                 info.damage = s.damage;
             }
-            Err(e @ ScanError::Header(_))
-            | Err(e @ ScanError::ForeignStore)
-            | Err(e @ ScanError::WrongSequence { .. }) => info.unreadable = Some(e.to_string()),
+            Err(e) => info.unreadable = Some(e.to_string()),
         }
         segments.push(info);
     }

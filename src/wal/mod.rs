@@ -41,6 +41,20 @@ use crate::{Error, Result};
 use format::{encode_record, record_seed, Record, SegmentHeader, FORMAT_VERSION, MARK_RECORD_LEN};
 use storage::{SegmentFile, Storage};
 
+/// The public error for bytes of `file` that did not decode as a header.
+pub(crate) fn header_error(file: std::path::PathBuf, e: format::DecodeError) -> Error {
+    match e {
+        format::DecodeError::UnsupportedVersion(version) => {
+            Error::UnsupportedVersion { file, version }
+        }
+        e => Error::Corruption {
+            file,
+            offset: 0,
+            reason: e.to_string(),
+        },
+    }
+}
+
 /// When an acknowledged mark is on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -245,14 +259,7 @@ impl Wal {
         debug_assert!(len + format::SEGMENT_HEADER_LEN <= self.segment_size);
         let max_expiry = records
             .iter()
-            .map(|r| match *r {
-                Record::Mark {
-                    expiry_unix_secs, ..
-                }
-                | Record::Forget {
-                    expiry_unix_secs, ..
-                } => expiry_unix_secs,
-            })
+            .map(Record::expiry_unix_secs)
             .max()
             .unwrap_or(0);
         self.append_with(len, max_expiry, guard, |seg, off| {

@@ -86,14 +86,7 @@ pub fn scan_segment(
         min_expiry: 0,
     };
     let mut note = |scan: &mut SegmentScan, off: usize, r: Record| {
-        let (Record::Mark {
-            expiry_unix_secs: e,
-            ..
-        }
-        | Record::Forget {
-            expiry_unix_secs: e,
-            ..
-        }) = r;
+        let e = r.expiry_unix_secs();
         scan.max_expiry = scan.max_expiry.max(e);
         scan.min_expiry = if scan.records == 0 {
             e

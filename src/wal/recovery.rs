@@ -136,8 +136,7 @@ fn used_len(bytes: &[u8]) -> usize {
 const PARALLEL_REPLAY_MIN_RECORDS: u64 = 200_000;
 
 fn lane_of(r: &Record, lanes: u64) -> u64 {
-    let (Record::Mark { fingerprint, .. } | Record::Forget { fingerprint, .. }) = *r;
-    ((fingerprint >> 96) as u64) % lanes
+    ((r.fingerprint() >> 96) as u64) % lanes
 }
 
 /// Replay one lane of every segment (a helper thread's share).
@@ -162,13 +161,7 @@ fn replay_lane(
         // Damage handling is the main thread's business; a helper applies
         // exactly the records the main thread's scan also accepts.
         let _ = scan_segment(bytes, store_id, *seq, salvage, |_, r| {
-            let (Record::Mark {
-                expiry_unix_secs, ..
-            }
-            | Record::Forget {
-                expiry_unix_secs, ..
-            }) = r;
-            if expiry_unix_secs > now_unix && lane_of(&r, lanes) == lane {
+            if r.expiry_unix_secs() > now_unix && lane_of(&r, lanes) == lane {
                 chunk.push(r);
                 if chunk.len() == REPLAY_CHUNK {
                     flush(&mut chunk);
@@ -214,16 +207,7 @@ pub(crate) fn open(
 
     let header = if has_store {
         let bytes = st.read(STORE_FILE).map_err(io(st, STORE_FILE))?;
-        match StoreHeader::decode(&bytes) {
-            Ok(h) => h,
-            Err(DecodeError::UnsupportedVersion(version)) => {
-                return Err(Error::UnsupportedVersion {
-                    file: st.path(STORE_FILE),
-                    version,
-                })
-            }
-            Err(e) => return Err(corruption(st, STORE_FILE, 0, e.to_string())),
-        }
+        StoreHeader::decode(&bytes).map_err(|e| super::header_error(st.path(STORE_FILE), e))?
     } else if let Some((_, first)) = segments.first() {
         return Err(corruption(
             st,
@@ -319,13 +303,7 @@ pub(crate) fn open(
                 };
                 let scan = scan_segment(bytes, header.store_id, *seq, salvage, |_, r| {
                     report.records += 1;
-                    let (Record::Mark {
-                        expiry_unix_secs, ..
-                    }
-                    | Record::Forget {
-                        expiry_unix_secs, ..
-                    }) = r;
-                    if expiry_unix_secs <= now_unix {
+                    if r.expiry_unix_secs() <= now_unix {
                         report.expired += 1;
                     } else if lane_of(&r, lanes) == 0 {
                         chunk.push(r);
@@ -337,11 +315,8 @@ pub(crate) fn open(
                 flush(&mut chunk, &mut report);
                 let scan = match scan {
                     Ok(scan) => scan,
-                    Err(ScanError::Header(DecodeError::UnsupportedVersion(version))) => {
-                        return Err(Error::UnsupportedVersion {
-                            file: st.path(name),
-                            version,
-                        })
+                    Err(ScanError::Header(e @ DecodeError::UnsupportedVersion(_))) => {
+                        return Err(super::header_error(st.path(name), e))
                     }
                     Err(_) if salvage => {
                         report.skipped_segments.push(st.path(name));
