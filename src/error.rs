@@ -72,6 +72,16 @@ pub enum Error {
         /// The original failure.
         reason: String,
     },
+    /// The operating system refused a resource that is not a file: random
+    /// bytes for a new store's id and secret, or a background thread.
+    #[error("could not get {what} from the operating system: {source}")]
+    System {
+        /// What was asked for.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An I/O error from the operating system.
     #[error("I/O error on {path}: {source}")]
     Io {

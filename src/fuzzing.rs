@@ -44,7 +44,7 @@ impl Disk {
             .recovery_mode(mode)
             .clock(Arc::new(ManualClock::new(1_800_000_000)))
             .background_sweep(false)
-            .open_storage(self.0.clone(), None)
+            .open_storage(self.0.clone())
     }
 }
 

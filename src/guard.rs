@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -114,6 +114,28 @@ pub struct IdempotencyGuard {
     engine: Arc<Engine>,
     policy: InFlightPolicy,
     inflight: Box<[InFlight]>,
+    counters: GuardCounters,
+}
+
+/// The guard's own counts (the engine counts checks; these count work).
+/// Touched only on collisions and failures, never on the uncontended path.
+#[derive(Debug, Default)]
+struct GuardCounters {
+    inflight_collisions: AtomicU64,
+    failed: AtomicU64,
+    released: AtomicU64,
+}
+
+/// A snapshot of [`IdempotencyGuard`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GuardStats {
+    /// Calls that met their id already in flight.
+    pub inflight_collisions: u64,
+    /// Work that returned an error.
+    pub failed: u64,
+    /// Claims released (work failed, panicked or was cancelled).
+    pub released: u64,
 }
 
 impl std::fmt::Debug for IdempotencyGuard {
@@ -144,6 +166,16 @@ impl IdempotencyGuard {
             inflight: (0..INFLIGHT_SHARDS)
                 .map(|_| Mutex::new(HashMap::with_capacity_and_hasher(16, FingerprintHash)))
                 .collect(),
+            counters: GuardCounters::default(),
+        }
+    }
+
+    /// A snapshot of the guard's counters.
+    pub fn stats(&self) -> GuardStats {
+        GuardStats {
+            inflight_collisions: self.counters.inflight_collisions.load(Relaxed),
+            failed: self.counters.failed.load(Relaxed),
+            released: self.counters.released.load(Relaxed),
         }
     }
 
@@ -197,8 +229,7 @@ impl IdempotencyGuard {
                     return Ok(Outcome::AlreadyProcessed);
                 }
                 Claim::Busy(mut rx) => {
-                    let stripe = self.engine.counters().stripe();
-                    stripe.inflight_collisions.fetch_add(1, Relaxed);
+                    self.counters.inflight_collisions.fetch_add(1, Relaxed);
                     if self.policy == InFlightPolicy::ReturnInFlight {
                         return Ok(Outcome::InFlight);
                     }
@@ -226,7 +257,7 @@ impl IdempotencyGuard {
                 Ok(Outcome::Success(value))
             }
             Err(e) => {
-                self.engine.counters().stripe().failed.fetch_add(1, Relaxed);
+                self.counters.failed.fetch_add(1, Relaxed);
                 claim.release();
                 Ok(Outcome::Failed(e))
             }
@@ -247,22 +278,14 @@ impl IdempotencyGuard {
         id: impl AsRef<[u8]>,
         metadata: Option<&serde_json::Value>,
     ) -> Result<bool> {
-        let meta = match metadata {
+        let verdict = match metadata {
             Some(v) => {
                 let bytes = serde_json::to_vec(v).map_err(|e| Error::Config(e.to_string()))?;
-                if bytes.len() > MAX_METADATA_LEN {
-                    return Err(Error::MetadataTooLarge {
-                        len: bytes.len(),
-                        max: MAX_METADATA_LEN,
-                    });
-                }
-                Some(bytes)
+                self.engine.check_and_insert_with_metadata(id, &bytes)?
             }
-            None => None,
+            None => self.engine.check_and_insert(id)?,
         };
-        self.engine
-            .check_and_insert_with_metadata(id, meta.as_deref())
-            .map(|v| v.is_new())
+        Ok(verdict.is_new())
     }
 
     /// Compatibility: reclaim expired marks now; returns how many.
@@ -272,7 +295,7 @@ impl IdempotencyGuard {
 }
 
 /// Largest metadata accepted by [`IdempotencyGuard::mark_processed`].
-pub const MAX_METADATA_LEN: usize = crate::wal::format::MAX_RECORD_METADATA;
+pub const MAX_METADATA_LEN: usize = crate::MAX_METADATA_LEN;
 
 /// A claim being worked on. Dropped without `commit` — the work failed,
 /// panicked, or its future was cancelled — it releases the id.
@@ -312,12 +335,7 @@ impl ClaimHandle<'_> {
     fn release(&mut self) {
         if let Some(mark) = self.mark.take() {
             self.guard.engine.release(mark);
-            self.guard
-                .engine
-                .counters()
-                .stripe()
-                .released
-                .fetch_add(1, Relaxed);
+            self.guard.counters.released.fetch_add(1, Relaxed);
             self.finish(ClaimState::Released);
         }
     }

@@ -1,40 +1,24 @@
 //! Prometheus metrics (prometheus-client).
 //!
-//! Counters and gauges are read from [`Engine::stats`] at scrape time by a
-//! collector, so the hot path pays nothing for them: it already keeps
-//! striped counters. The two histograms are observed once per sync and once
-//! per open, never per event.
+//! Everything is read at scrape time by collectors: counters and gauges
+//! from [`Engine::stats`] (the hot path already keeps striped counters),
+//! histograms from the engine's own (observed once per sync and once per
+//! open, never per event), and the guard's counters from
+//! [`IdempotencyGuard::stats`](crate::guard::IdempotencyGuard::stats). The
+//! engine itself knows nothing of Prometheus.
 
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::stats::HistogramSnapshot;
 use crate::Engine;
-
-/// Histograms the engine observes into.
-#[derive(Clone, Debug)]
-pub(crate) struct Histograms {
-    /// Duration of each log sync (msync), seconds.
-    pub sync_seconds: Histogram,
-    /// Duration of replay on open, seconds.
-    pub replay_seconds: Histogram,
-}
-
-impl Default for Histograms {
-    fn default() -> Self {
-        Histograms {
-            // 10 µs .. ~5 s
-            sync_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
-            // 1 ms .. ~65 s
-            replay_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
-        }
-    }
-}
 
 /// Register `engine`'s metrics (names prefixed `seen_`) in `registry`.
 ///
@@ -49,29 +33,25 @@ impl Default for Histograms {
 /// # Ok::<(), seen::Error>(())
 /// ```
 pub fn register(registry: &mut Registry, engine: &Arc<Engine>) {
-    let h = engine.histograms();
-    registry.register(
-        "seen_sync_seconds",
-        "Duration of log syncs (msync), one per group commit",
-        h.sync_seconds.clone(),
-    );
-    registry.register(
-        "seen_replay_seconds",
-        "Duration of log replay when the store was opened",
-        h.replay_seconds.clone(),
-    );
     registry.register_collector(Box::new(EngineCollector(Arc::clone(engine))));
 }
 
-#[derive(Debug)]
-struct EngineCollector(Arc<Engine>);
+/// Register a guard's counters (`seen_inflight_collisions_total`,
+/// `seen_failed_total`, `seen_released_total`) in `registry`.
+#[cfg(feature = "guard")]
+pub fn register_guard(registry: &mut Registry, guard: &Arc<crate::guard::IdempotencyGuard>) {
+    registry.register_collector(Box::new(GuardCollector(Arc::clone(guard))));
+}
 
-impl Collector for EngineCollector {
+#[cfg(feature = "guard")]
+#[derive(Debug)]
+struct GuardCollector(Arc<crate::guard::IdempotencyGuard>);
+
+#[cfg(feature = "guard")]
+impl Collector for GuardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.stats();
-        let counters: [(&str, &str, u64); 9] = [
-            ("seen_new", "Checks answered new", s.new),
-            ("seen_duplicate", "Checks answered duplicate", s.duplicate),
+        for (name, help, value) in [
             (
                 "seen_inflight_collisions",
                 "Guard calls that met their id in flight",
@@ -87,6 +67,37 @@ impl Collector for EngineCollector {
                 "Claims released after failure, panic or cancellation",
                 s.released,
             ),
+        ] {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A histogram read at scrape time.
+#[derive(Debug)]
+struct ConstHistogram(HistogramSnapshot);
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = &self.0;
+        encoder.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[derive(Debug)]
+struct EngineCollector(Arc<Engine>);
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.stats();
+        let counters: [(&str, &str, u64); 6] = [
+            ("seen_new", "Checks answered new", s.new),
+            ("seen_duplicate", "Checks answered duplicate", s.duplicate),
             (
                 "seen_expired",
                 "Expired marks reclaimed from memory",
@@ -133,6 +144,22 @@ impl Collector for EngineCollector {
         for (name, help, value) in gauges {
             let g = ConstGauge::new(value as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let h = self.0.histograms();
+        for (name, help, snapshot) in [
+            (
+                "seen_sync_seconds",
+                "Duration of log syncs, one per group commit",
+                h.sync_seconds.snapshot(),
+            ),
+            (
+                "seen_replay_seconds",
+                "Duration of log replay when the store was opened",
+                h.replay_seconds.snapshot(),
+            ),
+        ] {
+            let m = ConstHistogram(snapshot);
+            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
         }
         Ok(())
     }

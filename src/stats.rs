@@ -12,9 +12,6 @@ pub(crate) struct Stripe {
     pub invalid: AtomicU64,
     pub rejected: AtomicU64,
     pub forgotten: AtomicU64,
-    pub inflight_collisions: AtomicU64,
-    pub failed: AtomicU64,
-    pub released: AtomicU64,
 }
 
 pub(crate) struct Counters {
@@ -29,9 +26,6 @@ pub(crate) struct Totals {
     pub invalid: u64,
     pub rejected: u64,
     pub forgotten: u64,
-    pub inflight_collisions: u64,
-    pub failed: u64,
-    pub released: u64,
 }
 
 impl Counters {
@@ -67,10 +61,83 @@ impl Counters {
             t.invalid += s.invalid.load(Relaxed);
             t.rejected += s.rejected.load(Relaxed);
             t.forgotten += s.forgotten.load(Relaxed);
-            t.inflight_collisions += s.inflight_collisions.load(Relaxed);
-            t.failed += s.failed.load(Relaxed);
-            t.released += s.released.load(Relaxed);
         }
         t
+    }
+}
+
+/// A histogram of durations with exponential bucket bounds, filled with
+/// plain atomics (observed once per sync or per open, never per event) and
+/// read by the metrics exporter at scrape time. Kept here, not in
+/// `metrics`, so the engine needs no Prometheus client.
+#[derive(Debug)]
+pub(crate) struct Histogram {
+    /// Upper bounds in seconds; an implicit +Inf bucket follows.
+    bounds: Box<[f64]>,
+    /// Per-bucket (not cumulative) counts; one more than `bounds`.
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+/// A histogram's contents: (sum in seconds, count, per-bucket counts
+/// with their upper bounds, +Inf last).
+#[cfg(feature = "metrics")]
+pub(crate) type HistogramSnapshot = (f64, u64, Vec<(f64, u64)>);
+
+impl Histogram {
+    /// `n` buckets: `start`, `start × factor`, …
+    pub(crate) fn exponential(start: f64, factor: f64, n: usize) -> Histogram {
+        let bounds: Box<[f64]> = (0..n).map(|i| start * factor.powi(i as i32)).collect();
+        Histogram {
+            counts: (0..=n).map(|_| AtomicU64::new(0)).collect(),
+            bounds,
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(self.bounds.len());
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        let mut count = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Relaxed);
+            count += n;
+            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), n));
+        }
+        (self.sum_nanos.load(Relaxed) as f64 / 1e9, count, buckets)
+    }
+}
+
+/// The engine's histograms.
+#[derive(Debug)]
+pub(crate) struct Histograms {
+    /// Duration of each log sync, one per group commit.
+    pub sync_seconds: std::sync::Arc<Histogram>,
+    /// Duration of replay on open.
+    pub replay_seconds: Histogram,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            // 10 µs .. ~5 s
+            sync_seconds: std::sync::Arc::new(Histogram::exponential(1e-5, 2.0, 20)),
+            // 1 ms .. ~65 s
+            replay_seconds: Histogram::exponential(1e-3, 2.0, 17),
+        }
     }
 }

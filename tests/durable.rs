@@ -233,13 +233,13 @@ fn bad_store_files_are_clear_errors() {
     assert!(err.to_string().contains("magic"), "{err}");
     // A future format version (with a valid checksum).
     let mut f = b.clone();
-    f[8..12].copy_from_slice(&2u32.to_le_bytes());
+    f[8..12].copy_from_slice(&3u32.to_le_bytes());
     let crc = crc32c_of(&f[..60]);
     f[60..64].copy_from_slice(&crc.to_le_bytes());
     fs::write(&store, &f).unwrap();
     assert!(matches!(
         open_with(dir.path(), &clock, RecoveryMode::Salvage),
-        Err(Error::UnsupportedVersion { version: 2, .. })
+        Err(Error::UnsupportedVersion { version: 3, .. })
     ));
     // Missing store header with segments present.
     fs::remove_file(&store).unwrap();

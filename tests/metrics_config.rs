@@ -41,7 +41,8 @@ async fn metrics_follow_a_scripted_sequence() {
         let _ = engine.check_and_insert(id).unwrap();
     }
     assert!(engine.check_and_insert("").is_err());
-    let guard = IdempotencyGuard::new(engine.clone());
+    let guard = Arc::new(IdempotencyGuard::new(engine.clone()));
+    seen::metrics::register_guard(&mut registry, &guard);
     assert_eq!(
         guard
             .process_if_new("d", async { Err::<(), _>(()) })

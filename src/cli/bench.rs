@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use seen::{Durability, Engine};
 
-use super::filter::anyhow_like;
-
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
     /// Events in the stream (25 % of them duplicates).
@@ -76,7 +74,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-pub(crate) fn run(args: BenchArgs) -> anyhow_like::Result<ExitCode> {
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (dir, scratch) = match &args.dir {
         Some(d) => (d.clone(), false),
         None => (

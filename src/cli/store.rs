@@ -1,13 +1,12 @@
-//! `seen inspect` and `seen verify`: read-only looks at a state directory.
+//! `seen inspect` and `seen verify`: read-only looks at a state directory,
+//! printed from `seen::inspect`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use seen::wal::inspect::{inspect as scan_store, StoreInfo};
+use seen::inspect::{self, ProblemKind, StoreInfo};
 use seen::Clock;
-
-use super::filter::anyhow_like;
 
 #[derive(Args, Debug)]
 pub(crate) struct StoreArgs {
@@ -18,10 +17,20 @@ pub(crate) struct StoreArgs {
     quiet: bool,
 }
 
-fn load(args: &StoreArgs) -> anyhow_like::Result<StoreInfo> {
+#[derive(Args, Debug)]
+pub(crate) struct InspectArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Show one id's mark instead: its expiry, whether it is live, and the
+    /// metadata stored with it. Exit 1 if the log holds no mark of it.
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+}
+
+fn load(args: &StoreArgs) -> anyhow::Result<StoreInfo> {
     let bar = super::progress_bar("scanning log", args.quiet);
     let b = bar.clone();
-    let info = scan_store(
+    let info = inspect::inspect(
         &args.dir,
         seen::SystemClock.now_unix_secs(),
         &move |done, total| {
@@ -41,26 +50,32 @@ fn when(unix: u64) -> String {
         .to_string()
 }
 
-pub(crate) fn inspect(args: StoreArgs) -> anyhow_like::Result<ExitCode> {
+pub(crate) fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    if let Some(id) = &args.id {
+        return inspect_id(&args.store, id);
+    }
+    let args = args.store;
     let info = load(&args)?;
     let file_bytes: u64 = info.segments.iter().map(|s| s.file_bytes).sum();
     let used_bytes: u64 = info.segments.iter().map(|s| s.used_bytes).sum();
+    let with_meta: u64 = info.segments.iter().map(|s| s.marks_with_metadata).sum();
     println!("store        {}", args.dir.display());
     println!("store id     {:032x}", info.store_id);
     println!("created      {}", when(info.created_unix_secs));
-    println!("format       v{}", seen::wal::format::FORMAT_VERSION);
+    println!("format       v{}", info.version);
     println!("live keys    {}", info.live_keys);
     println!(
         "expiring     {} .. {}",
         when(info.live_min_expiry),
         when(info.live_max_expiry)
     );
+    println!("metadata     {with_meta} marks carry metadata (seen inspect --id ID shows it)");
     println!("segments     {}", info.segments.len());
     println!("bytes        {used_bytes} used of {file_bytes} allocated");
     println!();
     println!(
-        "{:>6}  {:>12}  {:>12}  {:>9}  {:>7}  {:<20}  {:<20}  status",
-        "seq", "used", "size", "marks", "forgets", "first expiry", "last expiry"
+        "{:>6}  {:>3}  {:>12}  {:>12}  {:>9}  {:>7}  {:<20}  {:<20}  status",
+        "seq", "ver", "used", "size", "marks", "forgets", "first expiry", "last expiry"
     );
     for s in &info.segments {
         let status = match (&s.unreadable, &s.damage) {
@@ -69,8 +84,9 @@ pub(crate) fn inspect(args: StoreArgs) -> anyhow_like::Result<ExitCode> {
             (None, None) => "ok".into(),
         };
         println!(
-            "{:>6}  {:>12}  {:>12}  {:>9}  {:>7}  {:<20}  {:<20}  {status}",
+            "{:>6}  {:>3}  {:>12}  {:>12}  {:>9}  {:>7}  {:<20}  {:<20}  {status}",
             s.seq,
+            s.version,
             s.used_bytes,
             s.file_bytes,
             s.marks,
@@ -88,43 +104,60 @@ pub(crate) fn inspect(args: StoreArgs) -> anyhow_like::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn verify(args: StoreArgs) -> anyhow_like::Result<ExitCode> {
-    let info = load(&args)?;
-    let last = info.segments.last().map(|s| s.seq);
-    let mut problems = 0;
-    for s in &info.segments {
-        if let Some(e) = &s.unreadable {
-            problems += 1;
-            eprintln!("{}: offset 0: {e}", s.path.display());
-        }
-        if let Some(d) = &s.damage {
-            problems += 1;
-            let what = if Some(s.seq) == last && d.valid_after == 0 {
-                "torn tail (opening the store cuts it)"
-            } else {
-                "corruption"
-            };
-            eprintln!(
-                "{}: offset {}: {what}: {} ({} bytes affected, {} valid records after it)",
-                s.path.display(),
-                d.offset,
-                d.reason,
-                d.nonzero_end.saturating_sub(d.offset),
-                d.valid_after
-            );
-        }
+fn inspect_id(args: &StoreArgs, id: &str) -> anyhow::Result<ExitCode> {
+    let now = seen::SystemClock.now_unix_secs();
+    let Some(mark) = inspect::find(&args.dir, id.as_bytes())? else {
+        println!("id           {id}");
+        println!("mark         none in the log");
+        return Ok(ExitCode::FAILURE);
+    };
+    let state = if mark.forgotten {
+        "forgotten"
+    } else if mark.is_live(now) {
+        "live"
+    } else {
+        "expired"
+    };
+    println!("id           {id}");
+    println!("mark         {state}");
+    println!("expires      {}", when(mark.expiry_unix_secs));
+    match &mark.metadata {
+        Some(m) => println!("metadata     {}", String::from_utf8_lossy(m)),
+        None => println!("metadata     -"),
     }
-    let records: u64 = info.segments.iter().map(|s| s.marks + s.forgets).sum();
-    if problems == 0 {
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn verify(args: StoreArgs) -> anyhow::Result<ExitCode> {
+    let info = load(&args)?;
+    let problems = info.problems();
+    for p in &problems {
+        let what = match p.kind {
+            ProblemKind::TornTail => "torn tail (opening the store cuts it)",
+            ProblemKind::Unreadable => "unreadable segment",
+            _ => "corruption",
+        };
+        eprintln!(
+            "{}: offset {}: {what}: {} ({} bytes affected, {} valid records after it)",
+            p.path.display(),
+            p.offset,
+            p.reason,
+            p.bytes,
+            p.valid_after
+        );
+    }
+    if problems.is_empty() {
         println!(
-            "ok: {} segments, {records} records, {} live keys",
+            "ok: {} segments, {} records, {} live keys",
             info.segments.len(),
+            info.records(),
             info.live_keys
         );
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "DAMAGED: {problems} problem(s) in {} segments",
+            "DAMAGED: {} problem(s) in {} segments",
+            problems.len(),
             info.segments.len()
         );
         Ok(ExitCode::FAILURE)

@@ -7,22 +7,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_epoch as epoch;
-
-use super::{
-    Durable, Engine, Inner, MemoryPolicy, Verdict, BATCH_WINDOW, DEFAULT_MAX_ID_LEN,
-    DEFAULT_SHARDS, DEFAULT_TTL, MAX_ID_LEN_LIMIT,
-};
-use crate::fingerprint::{Fingerprint, Fingerprinter, Secret};
-use crate::set::{SetConfig, ShardedSet};
-use crate::stats::Counters;
+use super::durable::{Durability, Durable};
+use super::replay::SetReplay;
+use super::{Engine, Inner, DEFAULT_MAX_ID_LEN, DEFAULT_SHARDS, DEFAULT_TTL, MAX_ID_LEN_LIMIT};
+use crate::fingerprint::{Fingerprinter, Secret};
+use crate::set::{MemoryPolicy, SetConfig, ShardedSet};
+use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::{Clock, SystemClock};
 use crate::ttl::{SweepSchedule, Tick};
-use crate::wal::format::{Record, LOCK_FILE};
-use crate::wal::recovery;
-use crate::wal::storage::{DirLock, DirStorage, Storage};
 use crate::wal::{
-    Durability, RecoveryMode, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+    Opened, RecoveryMode, Wal, WalOptions, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
 };
 use crate::{Error, Result};
 
@@ -130,7 +124,9 @@ impl EngineBuilder {
         self.recovery_mode = mode;
         self
     }
-    /// Size of each preallocated log segment (default 64 MiB).
+    /// Size of each preallocated log segment (default 64 MiB, at least
+    /// 4 KiB). Each segment takes its full size on disk from the moment it
+    /// is created; a small store can save space with a smaller size.
     pub fn segment_size(mut self, bytes: usize) -> Self {
         self.segment_size = bytes;
         self
@@ -194,8 +190,8 @@ impl EngineBuilder {
         self.validate()?;
         let secret = match self.secret {
             Some(s) => s,
-            None => Secret::random().map_err(|source| Error::Io {
-                path: "getrandom".into(),
+            None => Secret::random().map_err(|source| Error::System {
+                what: "a fingerprint secret",
                 source,
             })?,
         };
@@ -206,28 +202,29 @@ impl EngineBuilder {
     /// Open (or create) a durable engine in the state directory `dir`:
     /// take its lock, replay its log, and log every new mark from now on.
     pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
-        self.validate()?;
         let dir = dir.as_ref();
-        let storage = DirStorage::open(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = DirLock::try_lock(&lock_path)
-            .map_err(|source| Error::Io {
-                path: lock_path.clone(),
-                source,
-            })?
-            .ok_or_else(|| Error::Locked {
-                path: dir.to_path_buf(),
-            })?;
-        self.open_storage(Arc::new(storage), Some(lock))
+        self.open_with(|opts, now, sink, progress| Wal::open(dir, opts, now, sink, progress))
     }
 
+    /// Open on a simulated disk (power-loss tests and fuzzing).
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn open_storage(
         self,
-        storage: Arc<dyn Storage>,
-        lock: Option<DirLock>,
+        storage: std::sync::Arc<dyn crate::wal::storage::Storage>,
+    ) -> Result<Engine> {
+        self.open_with(|opts, now, sink, progress| {
+            Wal::open_storage(storage, None, opts, now, sink, progress)
+        })
+    }
+
+    fn open_with(
+        self,
+        open_wal: impl FnOnce(
+            &WalOptions,
+            u64,
+            &dyn crate::wal::Replay,
+            &dyn Fn(usize, usize),
+        ) -> Result<Opened>,
     ) -> Result<Engine> {
         self.validate()?;
         let set = self.set();
@@ -237,30 +234,25 @@ impl EngineBuilder {
             Some(f) => f.as_ref(),
             None => &no_progress,
         };
-        let replay = SetReplay { set: &set, now };
-        let opened = recovery::open(
-            storage,
-            &recovery::OpenOptions {
+        let opened = open_wal(
+            &WalOptions {
                 mode: self.recovery_mode,
                 segment_size: self.segment_size,
                 secret: self.secret,
             },
             now.to_unix_secs(),
-            &replay,
+            &SetReplay { set: &set, now },
             progress,
         )?;
-        let histograms = crate::metrics::Histograms::default();
-        histograms
-            .replay_seconds
-            .observe(opened.report.duration.as_secs_f64());
+        let histograms = Histograms::default();
+        histograms.replay_seconds.observe(opened.report.duration);
         opened
             .wal
-            .set_sync_histogram(histograms.sync_seconds.clone());
+            .set_sync_histogram(Arc::clone(&histograms.sync_seconds));
         let durable = Durable {
             wal: opened.wal,
             durability: self.durability,
             report: opened.report,
-            _lock: lock,
         };
         self.finish(set, opened.secret, Some(durable), histograms)
     }
@@ -270,7 +262,7 @@ impl EngineBuilder {
         set: ShardedSet,
         secret: Secret,
         durable: Option<Durable>,
-        histograms: crate::metrics::Histograms,
+        histograms: Histograms,
     ) -> Result<Engine> {
         let schedule = SweepSchedule::for_ttl(self.ttl);
         let flush_every = match durable.as_ref().map(|d| d.durability) {
@@ -312,50 +304,6 @@ impl EngineBuilder {
     }
 }
 
-/// Replays log records into the set: hashes nothing (records carry
-/// fingerprints), prefetches a window of table lines ahead of the inserts.
-struct SetReplay<'a> {
-    set: &'a ShardedSet,
-    now: Tick,
-}
-
-impl recovery::Replay for SetReplay<'_> {
-    fn reserve(&self, records: u64) {
-        self.set.reserve(records as usize, self.now);
-    }
-
-    fn apply(&self, records: &[Record]) -> (u64, u64) {
-        let guard = &epoch::pin();
-        let (mut marks, mut forgets) = (0, 0);
-        for window in records.chunks(BATCH_WINDOW) {
-            for r in window {
-                self.set.prefetch(Fingerprint(r.fingerprint()), guard);
-            }
-            for r in window {
-                match *r {
-                    Record::Mark {
-                        fingerprint,
-                        expiry_unix_secs,
-                    } => {
-                        let expiry = Tick::from_unix_secs(expiry_unix_secs);
-                        let fp = Fingerprint(fingerprint);
-                        if let Ok(Verdict::New) = self.set.insert(fp, self.now, expiry, guard) {
-                            marks += 1;
-                        }
-                    }
-                    Record::Forget { fingerprint, .. } => {
-                        let fp = Fingerprint(fingerprint);
-                        if self.set.forget(fp, self.now, guard).is_some() {
-                            forgets += 1;
-                        }
-                    }
-                }
-            }
-        }
-        (marks, forgets)
-    }
-}
-
 /// A background thread running `tick` every `every` until the engine is
 /// dropped (the channel disconnects).
 pub(super) struct Background {
@@ -373,8 +321,8 @@ impl Background {
                     tick();
                 }
             })
-            .map_err(|source| Error::Io {
-                path: name.into(),
+            .map_err(|source| Error::System {
+                what: "a background thread",
                 source,
             })?;
         Ok(Background {

@@ -1,5 +1,7 @@
 //! The engine: ids in, verdicts out. Ties the fingerprint function, the set
-//! and the TTL machinery together behind a small API.
+//! and the TTL machinery together behind a small API. Dedup semantics live
+//! here; how a mark becomes durable lives in `durable.rs`, and how the log
+//! refills the set on open in `replay.rs`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -8,19 +10,21 @@ use std::time::Duration;
 use crossbeam_epoch as epoch;
 
 use crate::fingerprint::{Fingerprint, Fingerprinter};
-use crate::set::ShardedSet;
-use crate::stats::Counters;
+use crate::set::{ShardedSet, Verdict};
+use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::Clock;
 use crate::ttl::Tick;
-use crate::wal::format::Record;
-use crate::wal::recovery::RecoveryReport;
-use crate::wal::storage::DirLock;
-use crate::wal::{Durability, Wal};
+use crate::wal::RecoveryReport;
 use crate::{Error, Result};
 
 mod builder;
+mod durable;
+mod replay;
+
 use builder::Background;
 pub use builder::EngineBuilder;
+pub use durable::{Durability, PendingMark};
+use durable::{Durable, FORGOTTEN_AT_ONCE};
 
 /// Default retention of a mark.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -30,38 +34,11 @@ pub const DEFAULT_MAX_ID_LEN: usize = 1024;
 pub const MAX_ID_LEN_LIMIT: usize = 1 << 20;
 /// Few enough that tables reach huge-page size early, many more than cores.
 const DEFAULT_SHARDS: usize = 64;
+/// Largest metadata stored beside a mark.
+pub const MAX_METADATA_LEN: usize = 4096;
+const _: () = assert!(MAX_METADATA_LEN <= crate::wal::format::MAX_RECORD_METADATA);
 /// Ids hashed and prefetched together by the batch path.
 const BATCH_WINDOW: usize = 16;
-
-/// The answer to "have I seen this id?".
-#[must_use]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    /// First sighting (within the TTL): process the event. The id is now marked.
-    New,
-    /// Already marked and not expired: skip the event.
-    Duplicate,
-}
-
-impl Verdict {
-    /// `true` for [`Verdict::New`].
-    pub fn is_new(self) -> bool {
-        self == Verdict::New
-    }
-}
-
-/// What to do when the memory ceiling is reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum MemoryPolicy {
-    /// Drop the entries closest to expiry (the oldest, under one TTL) in a
-    /// batch, and count them in [`Stats::evicted`]. An evicted id is
-    /// reported `New` if it comes back.
-    EvictOldest,
-    /// Keep every entry; refuse new ids with [`Error::CapacityExceeded`]
-    /// (counted in [`Stats::rejected`]) until expiry frees room.
-    #[default]
-    Reject,
-}
 
 /// A snapshot of the engine's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,15 +69,10 @@ pub struct Stats {
     pub log_bytes: u64,
     /// Log bytes written but not yet durable: the durability lag.
     pub unsynced_bytes: u64,
-    /// Guard calls that met their id already in flight.
-    pub inflight_collisions: u64,
-    /// Guarded work that returned an error.
-    pub failed: u64,
-    /// Claims released (work failed, panicked or was cancelled).
-    pub released: u64,
 }
 
-/// Verdict counts, added to the shared counters when dropped.
+/// Verdict counts, added to the shared counters when dropped: a batch
+/// pays one atomic add per counter, not one per id.
 struct Tally<'a> {
     counters: &'a Counters,
     new: u64,
@@ -134,14 +106,6 @@ impl Drop for Tally<'_> {
     }
 }
 
-/// The log side of a durable engine.
-struct Durable {
-    wal: Wal,
-    durability: Durability,
-    report: RecoveryReport,
-    _lock: Option<DirLock>,
-}
-
 struct Inner {
     set: ShardedSet,
     fingerprinter: Fingerprinter,
@@ -151,7 +115,8 @@ struct Inner {
     counters: Counters,
     sweep_interval: Duration,
     durable: Option<Durable>,
-    histograms: crate::metrics::Histograms,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    histograms: Histograms,
 }
 
 impl Inner {
@@ -164,19 +129,22 @@ impl Inner {
         let now = self.now();
         let swept = self.set.sweep(now, min_interval.as_secs() as u32);
         if let Some(d) = &self.durable {
-            d.wal.delete_expired(now.to_unix_secs());
+            d.wal.purge_expired(now.to_unix_secs());
         }
         swept
     }
 }
 
-/// A mark decided in memory but not yet logged: see
-/// [`Engine::check_and_insert_deferred`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "a pending mark is only durable once committed"]
-pub struct PendingMark {
-    fingerprint: Fingerprint,
-    expiry: Tick,
+/// A point in an engine's log (see [`Engine::durable_position`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogPosition(u64);
+
+impl LogPosition {
+    /// The position as one number (segment sequence in the high 32 bits,
+    /// byte offset in the low 32), for storing beside a checkpoint.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
 }
 
 /// The answer of [`Engine::check_and_insert_deferred`].
@@ -241,12 +209,111 @@ impl Engine {
         Ok(())
     }
 
+    // ---- the core: every public method below is a composition of these ----
+
+    /// When a mark made now with `ttl` expires, or `None` when there is
+    /// nothing to remember (dedup disabled by a zero TTL, engine-wide or
+    /// for this call). The one place that decides it.
+    #[inline]
+    fn expiry(&self, now: Tick, ttl: Duration) -> Option<Tick> {
+        if ttl.is_zero() || self.inner.ttl.is_zero() {
+            None
+        } else {
+            Some(now.plus(ttl))
+        }
+    }
+
+    /// The memory half of a mark: insert-if-absent, counted.
+    #[inline]
+    fn mark_in_memory(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        expiry: Option<Tick>,
+        guard: &epoch::Guard,
+        tally: &mut Tally<'_>,
+    ) -> Result<Deferred> {
+        let Some(expiry) = expiry else {
+            tally.new += 1;
+            return Ok(Deferred::New(PendingMark {
+                fingerprint: fp,
+                expiry: FORGOTTEN_AT_ONCE,
+            }));
+        };
+        match self.inner.set.insert(fp, now, expiry, guard) {
+            Ok(Verdict::New) => {
+                tally.new += 1;
+                Ok(Deferred::New(PendingMark {
+                    fingerprint: fp,
+                    expiry,
+                }))
+            }
+            Ok(Verdict::Duplicate) => {
+                tally.duplicate += 1;
+                Ok(Deferred::Duplicate)
+            }
+            Err(e) => {
+                tally.rejected += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// The log half: make `marks` (already in memory) durable per the
+    /// engine's durability. A no-op for in-memory engines.
+    fn persist(&self, marks: &[PendingMark], now: Tick, guard: &epoch::Guard) -> Result<()> {
+        match &self.inner.durable {
+            Some(d) => d.settle(d.append(&self.inner.set, marks, now, guard)?),
+            None => Ok(()),
+        }
+    }
+
+    /// What a `Duplicate` verdict must wait for (see [`Durable::settle_published`]).
+    fn settle_duplicate(&self, guard: &epoch::Guard) -> Result<()> {
+        match &self.inner.durable {
+            Some(d) => d.settle_published(guard),
+            None => Ok(()),
+        }
+    }
+
+    /// The single-id path: mark, log, wait.
+    #[inline]
+    fn insert_one(
+        &self,
+        fp: Fingerprint,
+        ttl: Duration,
+        metadata: Option<&[u8]>,
+    ) -> Result<Verdict> {
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        let expiry = self.expiry(now, ttl);
+        match self.mark_in_memory(fp, now, expiry, guard, &mut Tally::new(self))? {
+            Deferred::New(mark) => {
+                match (metadata, &self.inner.durable) {
+                    (Some(meta), Some(d)) if mark.is_remembered() => {
+                        let pos =
+                            d.append_with_metadata(&self.inner.set, mark, meta, now, guard)?;
+                        d.settle(pos)?;
+                    }
+                    _ => self.persist(&[mark], now, guard)?,
+                }
+                Ok(Verdict::New)
+            }
+            Deferred::Duplicate => {
+                self.settle_duplicate(guard)?;
+                Ok(Verdict::Duplicate)
+            }
+        }
+    }
+
+    // ---- the public API ----
+
     /// Mark `id` and say whether it was new. Linearizable: of any number of
     /// threads racing on one id, exactly one is told [`Verdict::New`].
     #[inline]
     pub fn check_and_insert(&self, id: impl AsRef<[u8]>) -> Result<Verdict> {
         let fp = self.fingerprint(id)?;
-        self.insert_fingerprint(fp, self.inner.ttl, &epoch::pin())
+        self.insert_one(fp, self.inner.ttl, None)
     }
 
     /// [`Engine::check_and_insert`] with a TTL for this mark only.
@@ -256,130 +323,34 @@ impl Engine {
         ttl: Duration,
     ) -> Result<Verdict> {
         let fp = self.fingerprint(id)?;
-        self.insert_fingerprint(fp, ttl, &epoch::pin())
+        self.insert_one(fp, ttl, None)
     }
 
     /// [`Engine::check_and_insert`] for a fingerprint computed earlier
     /// (with [`Engine::fingerprint`]).
     #[inline]
     pub fn check_and_insert_fingerprint(&self, fp: Fingerprint) -> Result<Verdict> {
-        self.insert_fingerprint(fp, self.inner.ttl, &epoch::pin())
+        self.insert_one(fp, self.inner.ttl, None)
     }
 
-    #[inline]
-    fn insert_fingerprint(
+    /// [`Engine::check_and_insert`] storing `metadata` (at most 4 KiB,
+    /// typically JSON) beside a new mark in the log, for audit: read it
+    /// back with [`Engine::stored_mark`] or `seen inspect --id`. Memory
+    /// holds only the mark. In-memory engines drop the metadata; a
+    /// duplicate leaves the earlier mark's metadata as it was.
+    pub fn check_and_insert_with_metadata(
         &self,
-        fp: Fingerprint,
-        ttl: Duration,
-        guard: &epoch::Guard,
+        id: impl AsRef<[u8]>,
+        metadata: &[u8],
     ) -> Result<Verdict> {
-        let now = self.inner.now();
-        self.insert_at(fp, now, ttl, None, guard)
-    }
-
-    /// Mark in memory and count; no logging.
-    #[inline]
-    fn mark_in_memory(
-        &self,
-        fp: Fingerprint,
-        now: Tick,
-        expiry: Tick,
-        guard: &epoch::Guard,
-        tally: &mut Tally<'_>,
-    ) -> Result<Verdict> {
-        if self.inner.ttl.is_zero() {
-            tally.new += 1;
-            return Ok(Verdict::New);
-        }
-        let verdict = self.inner.set.insert(fp, now, expiry, guard);
-        match verdict {
-            Ok(Verdict::New) => tally.new += 1,
-            Ok(Verdict::Duplicate) => tally.duplicate += 1,
-            Err(_) => tally.rejected += 1,
-        };
-        verdict
-    }
-
-    /// The single-id path: mark, log, and wait as the durability says.
-    #[inline]
-    /// `metadata` rides along in the log record (the guard's `mark_processed`).
-    fn insert_at(
-        &self,
-        fp: Fingerprint,
-        now: Tick,
-        ttl: Duration,
-        metadata: Option<&[u8]>,
-        guard: &epoch::Guard,
-    ) -> Result<Verdict> {
-        if ttl.is_zero() || self.inner.ttl.is_zero() {
-            // Dedup disabled (or a per-call TTL of zero): nothing to remember.
-            self.inner.counters.stripe().new.fetch_add(1, Relaxed);
-            return Ok(Verdict::New);
-        }
-        let expiry = now.plus(ttl);
-        let verdict = self.mark_in_memory(fp, now, expiry, guard, &mut Tally::new(self))?;
-        if let Some(d) = &self.inner.durable {
-            let sync = d.durability == Durability::Sync;
-            match verdict {
-                Verdict::New => {
-                    let pos = match metadata {
-                        None => self.log(d, &[(fp, expiry)], now, guard)?,
-                        Some(meta) => self.log_with_metadata(d, fp, expiry, meta, now, guard)?,
-                    };
-                    if sync {
-                        d.wal.wait_durable(pos)?;
-                    }
-                }
-                // Under Sync, "duplicate" promises the earlier mark is on
-                // disk: the caller will drop the event on our word.
-                Verdict::Duplicate => self.wait_if_sync(guard)?,
-            }
-        }
-        Ok(verdict)
-    }
-
-    /// Append marks for keys just marked in memory; if the log refuses,
-    /// take the in-memory marks back so a retry can succeed.
-    fn log(
-        &self,
-        d: &Durable,
-        marks: &[(Fingerprint, Tick)],
-        now: Tick,
-        guard: &epoch::Guard,
-    ) -> Result<crate::wal::Position> {
-        if let [(fp, expiry)] = *marks {
-            // The single-id path: no window to fill.
-            let record = Record::Mark {
-                fingerprint: fp.0,
-                expiry_unix_secs: expiry.to_unix_secs(),
-            };
-            return d.wal.append(&record, guard).inspect_err(|_| {
-                self.inner.set.forget(fp, now, guard);
+        let fp = self.fingerprint(id)?;
+        if metadata.len() > MAX_METADATA_LEN {
+            return Err(Error::MetadataTooLarge {
+                len: metadata.len(),
+                max: MAX_METADATA_LEN,
             });
         }
-        let mut records = [Record::Mark {
-            fingerprint: 0,
-            expiry_unix_secs: 0,
-        }; BATCH_WINDOW];
-        let mut last = None;
-        for chunk in marks.chunks(BATCH_WINDOW) {
-            for (r, &(fp, expiry)) in records.iter_mut().zip(chunk) {
-                *r = Record::Mark {
-                    fingerprint: fp.0,
-                    expiry_unix_secs: expiry.to_unix_secs(),
-                };
-            }
-            match d.wal.append_all(&records[..chunk.len()], guard) {
-                Ok(pos) => last = Some(pos),
-                Err(e) => {
-                    for &(fp, _) in chunk {
-                        self.inner.set.forget(fp, now, guard);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(last.unwrap_or_else(|| d.wal.published(guard)))
+        self.insert_one(fp, self.inner.ttl, Some(metadata))
     }
 
     /// Check and mark many ids; verdicts come back in order. All ids are
@@ -408,7 +379,7 @@ impl Engine {
         let fps = ids
             .iter()
             .map(|id| self.inner.fingerprinter.fingerprint(id.as_ref()));
-        self.insert_fingerprints(fps, ids.len(), out)
+        self.insert_batch(fps, ids.len(), out)
     }
 
     /// The batch path for fingerprints computed earlier.
@@ -417,10 +388,10 @@ impl Engine {
         fps: &[Fingerprint],
         out: &mut Vec<Verdict>,
     ) -> Result<()> {
-        self.insert_fingerprints(fps.iter().copied(), fps.len(), out)
+        self.insert_batch(fps.iter().copied(), fps.len(), out)
     }
 
-    fn insert_fingerprints(
+    fn insert_batch(
         &self,
         mut fps: impl Iterator<Item = Fingerprint>,
         len: usize,
@@ -429,9 +400,8 @@ impl Engine {
         out.reserve(len);
         let guard = &epoch::pin();
         let now = self.inner.now();
-        let ttl = self.inner.ttl;
+        let expiry = self.expiry(now, self.inner.ttl);
         let mut window = [Fingerprint(0); BATCH_WINDOW];
-        // Counted once per batch, not per id: one atomic add instead of many.
         let mut tally = Tally::new(self);
         loop {
             let mut n = 0;
@@ -443,39 +413,34 @@ impl Engine {
             if n == 0 {
                 break;
             }
-            let mut new = [(Fingerprint(0), Tick(0)); BATCH_WINDOW];
-            let mut fresh = 0;
-            let expiry = now.plus(ttl);
+            let mut fresh = [PendingMark {
+                fingerprint: Fingerprint(0),
+                expiry: FORGOTTEN_AT_ONCE,
+            }; BATCH_WINDOW];
+            let mut n_fresh = 0;
             for &fp in &window[..n] {
-                let verdict = self.mark_in_memory(fp, now, expiry, guard, &mut tally)?;
-                if verdict.is_new() {
-                    new[fresh] = (fp, expiry);
-                    fresh += 1;
+                match self.mark_in_memory(fp, now, expiry, guard, &mut tally)? {
+                    Deferred::New(mark) => {
+                        fresh[n_fresh] = mark;
+                        n_fresh += 1;
+                        out.push(Verdict::New);
+                    }
+                    Deferred::Duplicate => out.push(Verdict::Duplicate),
                 }
-                out.push(verdict);
             }
-            if let (Some(d), false, true) = (&self.inner.durable, ttl.is_zero(), fresh > 0) {
-                self.log(d, &new[..fresh], now, guard)?;
+            if let (Some(d), true) = (&self.inner.durable, n_fresh > 0 && expiry.is_some()) {
+                d.append(&self.inner.set, &fresh[..n_fresh], now, guard)?;
             }
         }
-        // One group commit for the whole batch.
-        self.wait_if_sync(guard)
-    }
-
-    fn wait_if_sync(&self, guard: &epoch::Guard) -> Result<()> {
-        match &self.inner.durable {
-            Some(d) if d.durability == Durability::Sync => {
-                d.wal.wait_durable(d.wal.published(guard))
-            }
-            _ => Ok(()),
-        }
+        // One group commit for the whole batch, covering its duplicates too.
+        self.settle_duplicate(guard)
     }
 
     /// Check and mark `id` in memory only, without logging it yet. For
     /// callers that must order the log write after their own output (the
-    /// CLI writes a line, then logs its mark, so a crash can repeat the
-    /// line but never lose it). An uncommitted mark lives until the process
-    /// ends and is forgotten by a restart.
+    /// dedup loop emits and flushes its items, then logs their marks, so a
+    /// crash can repeat an item but never lose it). An uncommitted mark
+    /// lives until the process ends and is forgotten by a restart.
     pub fn check_and_insert_deferred(&self, id: impl AsRef<[u8]>) -> Result<Deferred> {
         let fp = self.fingerprint(id)?;
         self.claim_fingerprint(fp)
@@ -484,57 +449,20 @@ impl Engine {
     /// [`Engine::check_and_insert_deferred`] for a fingerprint.
     pub(crate) fn claim_fingerprint(&self, fp: Fingerprint) -> Result<Deferred> {
         let now = self.inner.now();
-        let expiry = now.plus(self.inner.ttl);
-        let mark = PendingMark {
-            fingerprint: fp,
-            expiry,
-        };
-        match self.mark_in_memory(fp, now, expiry, &epoch::pin(), &mut Tally::new(self))? {
-            Verdict::New => Ok(Deferred::New(mark)),
-            Verdict::Duplicate => Ok(Deferred::Duplicate),
-        }
+        let expiry = self.expiry(now, self.inner.ttl);
+        self.mark_in_memory(fp, now, expiry, &epoch::pin(), &mut Tally::new(self))
     }
 
-    /// Mark `id` with optional metadata stored beside the mark in the log
-    /// (used by the guard's `mark_processed`).
-    pub(crate) fn check_and_insert_with_metadata(
-        &self,
-        id: impl AsRef<[u8]>,
-        metadata: Option<&[u8]>,
-    ) -> Result<Verdict> {
-        let fp = self.fingerprint(id)?;
-        let now = self.inner.now();
-        self.insert_at(fp, now, self.inner.ttl, metadata, &epoch::pin())
-    }
-
-    /// [`Engine::log`] for one mark carrying metadata (a variable-length record).
-    fn log_with_metadata(
-        &self,
-        d: &Durable,
-        fp: Fingerprint,
-        expiry: Tick,
-        meta: &[u8],
-        now: Tick,
-        guard: &epoch::Guard,
-    ) -> Result<crate::wal::Position> {
-        use crate::wal::format::{encode_mark_with_metadata, record_len, MARK_PAYLOAD_LEN};
-        let expiry_unix = expiry.to_unix_secs();
-        d.wal
-            .append_encoded(
-                record_len(MARK_PAYLOAD_LEN + meta.len()),
-                expiry_unix,
-                |seed| encode_mark_with_metadata(seed, fp.0, expiry_unix, meta),
-                guard,
-            )
-            .inspect_err(|_| {
-                self.inner.set.forget(fp, now, guard);
-            })
+    /// Log pending marks, then wait per the engine's durability (one group
+    /// commit for all of them under `Sync`). A no-op for in-memory engines.
+    pub fn commit(&self, marks: &[PendingMark]) -> Result<()> {
+        self.persist(marks, self.inner.now(), &epoch::pin())
     }
 
     /// Take back a pending mark that will not be committed (the work it
     /// guarded failed): the id is new again.
     pub fn release(&self, mark: PendingMark) {
-        if !self.inner.ttl.is_zero() {
+        if mark.is_remembered() {
             self.inner
                 .set
                 .forget(mark.fingerprint, self.inner.now(), &epoch::pin());
@@ -542,37 +470,14 @@ impl Engine {
     }
 
     /// Under `Sync`, wait until everything logged so far is durable.
+    #[cfg(feature = "guard")]
     pub(crate) fn wait_durable_if_sync(&self) -> Result<()> {
-        self.wait_if_sync(&epoch::pin())
+        self.settle_duplicate(&epoch::pin())
     }
 
-    pub(crate) fn histograms(&self) -> &crate::metrics::Histograms {
+    #[cfg(feature = "metrics")]
+    pub(crate) fn histograms(&self) -> &Histograms {
         &self.inner.histograms
-    }
-
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.inner.counters
-    }
-
-    /// Log pending marks, then wait per the engine's durability (one group
-    /// commit for all of them under `Sync`). A no-op for in-memory engines.
-    pub fn commit(&self, marks: &[PendingMark]) -> Result<()> {
-        let Some(d) = &self.inner.durable else {
-            return Ok(());
-        };
-        if self.inner.ttl.is_zero() {
-            return Ok(());
-        }
-        let guard = &epoch::pin();
-        let now = self.inner.now();
-        for chunk in marks.chunks(BATCH_WINDOW) {
-            let mut pairs = [(Fingerprint(0), Tick(0)); BATCH_WINDOW];
-            for (p, m) in pairs.iter_mut().zip(chunk) {
-                *p = (m.fingerprint, m.expiry);
-            }
-            self.log(d, &pairs[..chunk.len()], now, guard)?;
-        }
-        self.wait_if_sync(guard)
     }
 
     /// Append pending marks without waiting for durability: what a crash in
@@ -580,10 +485,7 @@ impl Engine {
     #[cfg(any(test, fuzzing))]
     pub(crate) fn commit_without_waiting(&self, marks: &[PendingMark]) {
         if let Some(d) = &self.inner.durable {
-            let guard = &epoch::pin();
-            for m in marks {
-                let _ = self.log(d, &[(m.fingerprint, m.expiry)], self.inner.now(), guard);
-            }
+            let _ = d.append(&self.inner.set, marks, self.inner.now(), &epoch::pin());
         }
     }
 
@@ -601,6 +503,16 @@ impl Engine {
             Some(d) => d.wal.sync(),
             None => Ok(()),
         }
+    }
+
+    /// The log's recovery point (durable engines only): every mark logged
+    /// before it is on disk and survives a crash. Positions compare in log
+    /// order; a checkpoint records one to know where to resume.
+    pub fn durable_position(&self) -> Option<LogPosition> {
+        self.inner
+            .durable
+            .as_ref()
+            .map(|d| LogPosition(d.wal.recovery_point().into()))
     }
 
     /// What opening the state directory found (durable engines only).
@@ -623,10 +535,21 @@ impl Engine {
     /// [`Engine::contains`] for a fingerprint computed earlier.
     #[inline]
     pub fn contains_fingerprint(&self, fp: Fingerprint) -> bool {
-        if self.inner.ttl.is_zero() {
-            return false;
+        let now = self.inner.now();
+        self.expiry(now, self.inner.ttl).is_some()
+            && self.inner.set.contains(fp, now, &epoch::pin())
+    }
+
+    /// The latest mark of `id` in the log, with the metadata stored beside
+    /// it, for audit (durable engines; `None` in memory or if the log has
+    /// no mark of it). It scans the live log: one pass over about 32 bytes
+    /// per mark made within the TTL, so call it for an audit, not per event.
+    pub fn stored_mark(&self, id: impl AsRef<[u8]>) -> Result<Option<crate::inspect::StoredMark>> {
+        let fp = self.fingerprint(id)?;
+        match &self.inner.durable {
+            Some(d) => Ok(d.wal.lookup(fp)?.map(Into::into)),
+            None => Ok(None),
         }
-        self.inner.set.contains(fp, self.inner.now(), &epoch::pin())
     }
 
     /// Remove the mark of `id`, so its next check is `New`. Returns whether
@@ -638,15 +561,7 @@ impl Engine {
             return Ok(false);
         };
         if let Some(d) = &self.inner.durable {
-            // The forget record lives as long as the mark it cancels.
-            let record = Record::Forget {
-                fingerprint: fp.0,
-                expiry_unix_secs: expiry.to_unix_secs(),
-            };
-            let pos = d.wal.append(&record, guard)?;
-            if d.durability == Durability::Sync {
-                d.wal.wait_durable(pos)?;
-            }
+            d.settle(d.append_forget(fp, expiry, guard)?)?;
         }
         self.inner.counters.stripe().forgotten.fetch_add(1, Relaxed);
         Ok(true)
@@ -707,9 +622,6 @@ impl Engine {
             log_segments: 0,
             log_bytes: 0,
             unsynced_bytes: 0,
-            inflight_collisions: t.inflight_collisions,
-            failed: t.failed,
-            released: t.released,
         };
         if let Some(d) = &self.inner.durable {
             (stats.log_segments, stats.log_bytes) = d.wal.layout();

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use table::{Forget, Insert, Key, Table};
 
 use crate::ttl::Tick;
-use crate::{Error, Fingerprint, MemoryPolicy, Result, Verdict};
+use crate::{Error, Fingerprint, Result};
 
 /// Migrate when this fraction of a table's slots is claimed.
 const MAX_LOAD: f64 = 0.8;
@@ -40,6 +40,36 @@ const KEEP_SIZE_LOAD: (f64, f64) = (0.2, 0.7);
 const EVICT_TO_LOAD: f64 = 0.7;
 /// Smallest table per shard (16 cache lines).
 const MIN_SLOTS: usize = 64;
+
+/// The answer to "have I seen this id?".
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// First sighting (within the TTL): process the event. The id is now marked.
+    New,
+    /// Already marked and not expired: skip the event.
+    Duplicate,
+}
+
+impl Verdict {
+    /// `true` for [`Verdict::New`].
+    pub fn is_new(self) -> bool {
+        self == Verdict::New
+    }
+}
+
+/// What to do when the memory ceiling is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MemoryPolicy {
+    /// Drop the entries closest to expiry (the oldest, under one TTL) in a
+    /// batch, and count them in [`Stats::evicted`](crate::Stats::evicted). An evicted id is
+    /// reported `New` if it comes back.
+    EvictOldest,
+    /// Keep every entry; refuse new ids with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded)
+    /// (counted in [`Stats::rejected`](crate::Stats::rejected)) until expiry frees room.
+    #[default]
+    Reject,
+}
 
 /// Sizing and ceiling settings of a [`ShardedSet`].
 #[derive(Clone, Debug)]

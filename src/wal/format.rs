@@ -5,10 +5,13 @@
 //! is checked and a failure says why.
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 // Each item is described byte by byte in docs/format.md.
-#![allow(missing_docs)]
 
-/// Current format version, in the store header and every segment header.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version, written in the store header and every new
+/// segment header. Version 2 added record kind 3 (a mark with metadata).
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest version this build reads. A v1 store is upgraded on open (its
+/// header rewritten as v2); its v1 segments are read as they are.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 
 /// Store header file name.
 pub const STORE_FILE: &str = "STORE";
@@ -32,7 +35,7 @@ pub const KIND_MARK_META: u8 = 3;
 pub const MARK_PAYLOAD_LEN: usize = 24;
 /// Largest metadata a record may carry.
 pub const MAX_RECORD_METADATA: usize = 4096;
-/// Both record kinds of format v1 are 32 bytes on disk.
+/// Kinds 1 and 2 are 32 bytes on disk.
 pub const MARK_RECORD_LEN: usize = RECORD_HEADER_LEN + MARK_PAYLOAD_LEN;
 
 /// `wal-{seq:016x}.seg`
@@ -109,7 +112,7 @@ impl std::fmt::Display for DecodeError {
             DecodeError::BadMagic => f.write_str("bad magic (not a seen file)"),
             DecodeError::UnsupportedVersion(v) => write!(
                 f,
-                "format version {v} is not supported by this build (which reads version {FORMAT_VERSION})"
+                "format version {v} is not supported by this build (which reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})"
             ),
             DecodeError::BadChecksum => f.write_str("header checksum mismatch"),
             DecodeError::BadLength(l) => write!(f, "unexpected header length {l}"),
@@ -127,8 +130,9 @@ fn u128_at(b: &[u8], at: usize) -> Option<u128> {
     Some(u128::from_le_bytes(b.get(at..at + 16)?.try_into().ok()?))
 }
 
-/// Checks magic, version, length and checksum of a 64-byte header.
-fn check_header(b: &[u8], magic: &[u8; 8]) -> Result<(), DecodeError> {
+/// Checks magic, version, length and checksum of a 64-byte header;
+/// returns the version.
+fn check_header(b: &[u8], magic: &[u8; 8]) -> Result<u32, DecodeError> {
     let b = b.get(..64).ok_or(DecodeError::Truncated)?;
     if b.get(..8) != Some(magic.as_slice()) {
         return Err(DecodeError::BadMagic);
@@ -138,14 +142,14 @@ fn check_header(b: &[u8], magic: &[u8; 8]) -> Result<(), DecodeError> {
         return Err(DecodeError::BadChecksum);
     }
     let version = u32_at(b, 8).ok_or(DecodeError::Truncated)?;
-    if version != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let len = u32_at(b, 12).ok_or(DecodeError::Truncated)?;
     if len != 64 {
         return Err(DecodeError::BadLength(len));
     }
-    Ok(())
+    Ok(version)
 }
 
 fn seal_header(mut b: [u8; 64]) -> [u8; 64] {
@@ -168,10 +172,10 @@ impl StoreHeader {
     }
 
     pub fn decode(b: &[u8]) -> Result<StoreHeader, DecodeError> {
-        check_header(b, &STORE_MAGIC)?;
+        let version = check_header(b, &STORE_MAGIC)?;
         let t = DecodeError::Truncated;
         Ok(StoreHeader {
-            version: FORMAT_VERSION,
+            version,
             store_id: u128_at(b, 16).ok_or(t.clone())?,
             secret: b
                 .get(32..48)
@@ -197,10 +201,10 @@ impl SegmentHeader {
     }
 
     pub fn decode(b: &[u8]) -> Result<SegmentHeader, DecodeError> {
-        check_header(b, &SEGMENT_MAGIC)?;
+        let version = check_header(b, &SEGMENT_MAGIC)?;
         let t = DecodeError::Truncated;
         Ok(SegmentHeader {
-            version: FORMAT_VERSION,
+            version,
             seq: u64_at(b, 16).ok_or(t.clone())?,
             store_id: u128_at(b, 24).ok_or(t.clone())?,
             size: u64_at(b, 40).ok_or(t.clone())?,
@@ -344,13 +348,27 @@ pub fn decode_record(seed: u32, b: &[u8]) -> Decoded {
             expiry_unix_secs,
         }
     } else {
-        // Metadata is for audit (`seen inspect`); replay needs only the mark.
+        // Replay needs only the mark; audit reads the metadata with
+        // `metadata_at`.
         Record::Mark {
             fingerprint,
             expiry_unix_secs,
         }
     };
     Decoded::Record(record, record_len(len))
+}
+
+/// The metadata of the kind-3 record that starts at `offset` of a segment
+/// image (`None` for other kinds or unreadable bytes; call it only for
+/// records the scan validated).
+pub fn metadata_at(segment: &[u8], offset: usize) -> Option<&[u8]> {
+    let head = segment.get(offset..offset + RECORD_HEADER_LEN)?;
+    if head.get(4) != Some(&KIND_MARK_META) {
+        return None;
+    }
+    let len = u16::from_le_bytes(head.get(6..8)?.try_into().ok()?) as usize;
+    let start = offset + RECORD_HEADER_LEN + MARK_PAYLOAD_LEN;
+    segment.get(start..offset + RECORD_HEADER_LEN + len)
 }
 
 /// Bytes a record with a `payload`-byte payload takes on disk.
@@ -428,12 +446,18 @@ mod tests {
     fn future_version_is_named() {
         let mut b = [0u8; 64];
         b[..8].copy_from_slice(&SEGMENT_MAGIC);
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         b[12..16].copy_from_slice(&64u32.to_le_bytes());
         let b = seal_header(b);
         assert_eq!(
             SegmentHeader::decode(&b),
-            Err(DecodeError::UnsupportedVersion(2))
+            Err(DecodeError::UnsupportedVersion(FORMAT_VERSION + 1))
+        );
+        let mut zero = b;
+        zero[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(
+            SegmentHeader::decode(&seal_header(zero)),
+            Err(DecodeError::UnsupportedVersion(0))
         );
     }
 
@@ -477,6 +501,20 @@ mod tests {
                 },
                 b.len()
             )
+        );
+        assert_eq!(metadata_at(&b, 0), Some(meta.as_slice()));
+        assert_eq!(
+            metadata_at(
+                &encode_record(
+                    seed,
+                    &Record::Mark {
+                        fingerprint: 1,
+                        expiry_unix_secs: 2
+                    }
+                ),
+                0
+            ),
+            None
         );
         let mut bad = b.clone();
         bad[40] ^= 1;

@@ -1,9 +1,16 @@
 //! The write-ahead log: preallocated, mmap'd, segmented, append-only.
 //!
+//! The rest of the crate sees one narrow surface, [`Wal`]: open a state
+//! directory (lock, recover, replay into a [`Replay`] sink), append marks
+//! and forgets, wait for durability, read the recovery point, purge
+//! expired segments, look a fingerprint up for audit. Everything about
+//! bytes stays in here:
+//!
 //! * `format`   — constants and the byte codec (no I/O)
 //! * `storage`  — the I/O seam: real mapped files, or a simulated disk in tests
 //! * `reader`   — scanning a segment: records, the valid end, damage
-//! * `recovery` — what happens on open
+//! * `recovery` — what happens on open, in named steps
+//! * `inspect`  — read-only examination (`seen inspect` / `verify`)
 //!
 //! # Appending without a global lock
 //!
@@ -21,25 +28,29 @@
 //! past it wait for the new segment. Sealed segments are therefore always
 //! fully durable, and only the last segment can have a torn tail.
 
-pub mod format;
+pub(crate) mod format;
 pub mod inspect;
-pub mod reader;
-pub(crate) mod recovery;
+pub(crate) mod reader;
+mod recovery;
 #[cfg(any(test, fuzzing))]
 pub(crate) mod sim;
 pub(crate) mod storage;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_epoch::{Atomic, Guard, Owned};
 use parking_lot::{Condvar, Mutex};
 
+use crate::fingerprint::Fingerprint;
+use crate::stats::Histogram;
 use crate::sync::backoff;
-use crate::{Error, Result};
+use crate::{Error, Result, Secret};
 use format::{encode_record, record_seed, Record, SegmentHeader, FORMAT_VERSION, MARK_RECORD_LEN};
-use storage::{SegmentFile, Storage};
+pub use recovery::RecoveryReport;
+pub(crate) use recovery::{Replay, WalOptions};
+use storage::{DirLock, DirStorage, SegmentFile, Storage};
 
 /// The public error for bytes of `file` that did not decode as a header.
 pub(crate) fn header_error(file: std::path::PathBuf, e: format::DecodeError) -> Error {
@@ -53,21 +64,6 @@ pub(crate) fn header_error(file: std::path::PathBuf, e: format::DecodeError) -> 
             reason: e.to_string(),
         },
     }
-}
-
-/// When an acknowledged mark is on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// The record is in the page cache when the call returns: it survives
-    /// the process being killed, not the machine losing power.
-    None,
-    /// A background thread makes everything durable every `interval`: a
-    /// power loss loses at most about one interval of acknowledged marks.
-    Periodic(Duration),
-    /// The call returns only after its record is on disk (msync). Concurrent
-    /// callers share one sync (group commit).
-    #[default]
-    Sync,
 }
 
 /// What to do with damage found when the log is opened.
@@ -89,6 +85,12 @@ pub enum RecoveryMode {
 /// compared with one atomic load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Position(u64);
+
+impl From<Position> for u64 {
+    fn from(p: Position) -> u64 {
+        p.0
+    }
+}
 
 impl Position {
     fn new(seq: u64, offset: usize) -> Position {
@@ -163,13 +165,77 @@ pub(crate) struct Wal {
     sync_state: Mutex<SyncState>,
     synced_cv: Condvar,
     poisoned: AtomicBool,
-    sync_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    sync_seconds: std::sync::OnceLock<Arc<Histogram>>,
     /// Tests simulating power loss drop the log without its final sync.
     pub(crate) skip_final_sync: AtomicBool,
+    /// Held while the log is open: no second process appends here.
+    _lock: Option<DirLock>,
+}
+
+/// A log just opened: ready for appends, with what recovery found.
+pub(crate) struct Opened {
+    pub wal: Wal,
+    pub secret: Secret,
+    pub report: RecoveryReport,
+}
+
+/// The latest mark of a fingerprint in the log, for audit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LoggedMark {
+    pub expiry_unix_secs: u64,
+    pub metadata: Option<Vec<u8>>,
+    pub forgotten: bool,
 }
 
 impl Wal {
-    pub(crate) fn new(
+    /// Open (or create) the log in the state directory `dir`: take its
+    /// lock, recover, and feed every live record to `sink`.
+    pub(crate) fn open(
+        dir: &Path,
+        opts: &WalOptions,
+        now_unix: u64,
+        sink: &dyn Replay,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Opened> {
+        let io = |source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let storage = DirStorage::open(dir).map_err(io)?;
+        let lock_path = dir.join(format::LOCK_FILE);
+        let lock = DirLock::try_lock(&lock_path)
+            .map_err(|source| Error::Io {
+                path: lock_path.clone(),
+                source,
+            })?
+            .ok_or_else(|| Error::Locked {
+                path: dir.to_path_buf(),
+            })?;
+        Self::open_storage(
+            Arc::new(storage),
+            Some(lock),
+            opts,
+            now_unix,
+            sink,
+            progress,
+        )
+    }
+
+    /// [`Wal::open`] on any storage (tests use a simulated disk).
+    pub(crate) fn open_storage(
+        storage: Arc<dyn Storage>,
+        lock: Option<DirLock>,
+        opts: &WalOptions,
+        now_unix: u64,
+        sink: &dyn Replay,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Opened> {
+        let mut opened = recovery::open(storage, opts, now_unix, sink, progress)?;
+        opened.wal._lock = lock;
+        Ok(opened)
+    }
+
+    fn new(
         storage: Arc<dyn Storage>,
         store_id: u128,
         segment_size: usize,
@@ -193,6 +259,7 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             skip_final_sync: AtomicBool::new(false),
             sync_seconds: std::sync::OnceLock::new(),
+            _lock: None,
         }
     }
 
@@ -226,20 +293,70 @@ impl Wal {
         Error::Poisoned { reason }
     }
 
-    /// Append one record; returns the position just past it.
-    pub(crate) fn append(&self, record: &Record, guard: &Guard) -> Result<Position> {
-        self.append_all(std::slice::from_ref(record), guard)
+    /// Append marks `(fingerprint, expiry in Unix seconds)`; returns the
+    /// position just past the last. Windows of marks share one
+    /// reservation, so writers on other threads contend once per window.
+    ///
+    /// On failure, `Err((logged, e))`: the first `logged` marks are in the
+    /// log (not necessarily durable), the rest are not.
+    pub(crate) fn append_marks(
+        &self,
+        marks: &[(Fingerprint, u64)],
+        guard: &Guard,
+    ) -> Result<Position, (usize, Error)> {
+        let mut last = None;
+        let mut records = [Record::Mark {
+            fingerprint: 0,
+            expiry_unix_secs: 0,
+        }; APPEND_WINDOW];
+        for (i, window) in marks.chunks(APPEND_WINDOW).enumerate() {
+            for (r, &(fp, expiry)) in records.iter_mut().zip(window) {
+                *r = Record::Mark {
+                    fingerprint: fp.0,
+                    expiry_unix_secs: expiry,
+                };
+            }
+            match self.append_records(&records[..window.len()], guard) {
+                Ok(pos) => last = Some(pos),
+                Err(e) => return Err((i * APPEND_WINDOW, e)),
+            }
+        }
+        Ok(last.unwrap_or_else(|| self.published(guard)))
     }
 
-    /// Append one record of `len` bytes, produced by `encode(seed)` once
-    /// the segment (and so its seed) is known.
-    pub(crate) fn append_encoded(
+    /// Append a forget: it cancels the mark of `fp`, and lives as long as
+    /// that mark (`expiry`) would have.
+    pub(crate) fn append_forget(
         &self,
-        len: usize,
+        fp: Fingerprint,
         expiry: u64,
-        encode: impl Fn(u32) -> Vec<u8>,
         guard: &Guard,
     ) -> Result<Position> {
+        self.append_records(
+            &[Record::Forget {
+                fingerprint: fp.0,
+                expiry_unix_secs: expiry,
+            }],
+            guard,
+        )
+    }
+
+    /// Append a mark carrying metadata (at most
+    /// [`format::MAX_RECORD_METADATA`] bytes; a variable-length record).
+    pub(crate) fn append_mark_with_metadata(
+        &self,
+        fp: Fingerprint,
+        expiry: u64,
+        metadata: &[u8],
+        guard: &Guard,
+    ) -> Result<Position> {
+        if metadata.len() > format::MAX_RECORD_METADATA {
+            return Err(Error::MetadataTooLarge {
+                len: metadata.len(),
+                max: format::MAX_RECORD_METADATA,
+            });
+        }
+        let len = format::record_len(format::MARK_PAYLOAD_LEN + metadata.len());
         if len + format::SEGMENT_HEADER_LEN > self.segment_size {
             return Err(Error::Config(format!(
                 "a {len}-byte record does not fit in {}-byte segments",
@@ -247,14 +364,14 @@ impl Wal {
             )));
         }
         self.append_with(len, expiry, guard, |seg, off| {
-            seg.file.write_at(off, &encode(seg.seed));
+            let record = format::encode_mark_with_metadata(seg.seed, fp.0, expiry, metadata);
+            seg.file.write_at(off, &record);
         })
     }
 
-    /// Append records with one reservation (so writers on other threads
-    /// contend once per call, not once per record); returns the position
-    /// just past the last. `records` must fit in a segment.
-    pub(crate) fn append_all(&self, records: &[Record], guard: &Guard) -> Result<Position> {
+    /// Append fixed-size records with one reservation; `records` must fit
+    /// in a segment.
+    fn append_records(&self, records: &[Record], guard: &Guard) -> Result<Position> {
         let len = records.len() * MARK_RECORD_LEN;
         debug_assert!(len + format::SEGMENT_HEADER_LEN <= self.segment_size);
         let max_expiry = records
@@ -357,8 +474,13 @@ impl Wal {
     }
 
     /// Observe sync durations into `h`.
-    pub(crate) fn set_sync_histogram(&self, h: prometheus_client::metrics::histogram::Histogram) {
+    pub(crate) fn set_sync_histogram(&self, h: Arc<Histogram>) {
         let _ = self.sync_seconds.set(h);
+    }
+
+    /// Everything before this position is durable: what a crash now keeps.
+    pub(crate) fn recovery_point(&self) -> Position {
+        Position(self.durable.load(Acquire))
     }
 
     /// The position just past every record published so far.
@@ -392,7 +514,7 @@ impl Wal {
             let started = std::time::Instant::now();
             let result = self.sync_published();
             if let Some(h) = self.sync_seconds.get() {
-                h.observe(started.elapsed().as_secs_f64());
+                h.observe(started.elapsed());
             }
             st = self.sync_state.lock();
             st.syncing = false;
@@ -438,7 +560,7 @@ impl Wal {
     }
 
     /// Delete sealed segments whose records have all expired.
-    pub(crate) fn delete_expired(&self, now_unix: u64) -> usize {
+    pub(crate) fn purge_expired(&self, now_unix: u64) -> usize {
         let mut sealed = self.sealed.lock();
         let mut deleted = 0;
         sealed.retain(|s| {
@@ -453,6 +575,75 @@ impl Wal {
         deleted
     }
 
+    /// The latest mark of `fp` in the live log, with its metadata and
+    /// whether a later forget cancelled it. An audit call: it scans every
+    /// segment (sealed ones through their mappings, the active one up to
+    /// its published end), so it costs one pass over the log, about
+    /// 32 bytes per mark logged within the TTL.
+    pub(crate) fn lookup(&self, fp: Fingerprint) -> Result<Option<LoggedMark>> {
+        let (active_name, active_seq, published) = {
+            let guard = &crossbeam_epoch::pin();
+            let seg = self.active(guard);
+            (
+                seg.name.clone(),
+                seg.seq,
+                seg.published.load(Acquire) as usize,
+            )
+        };
+        let mut names: Vec<(u64, String)> = self
+            .sealed
+            .lock()
+            .iter()
+            .filter_map(|s| Some((format::parse_segment_file_name(&s.name)?, s.name.clone())))
+            .collect();
+        names.push((active_seq, active_name.clone()));
+        let mut found: Option<LoggedMark> = None;
+        for (seq, name) in names {
+            let bytes = if name == active_name {
+                storage::Bytes::Owned(self.storage.read_prefix(&name, published).map_err(
+                    |source| Error::Io {
+                        path: self.storage.path(&name),
+                        source,
+                    },
+                )?)
+            } else {
+                match self.storage.read(&name) {
+                    Ok(b) => b,
+                    // Purged (expired) since we listed it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        return Err(Error::Io {
+                            path: self.storage.path(&name),
+                            source,
+                        })
+                    }
+                }
+            };
+            let _ = reader::scan_segment(&bytes, self.store_id, seq, true, |off, r| {
+                if r.fingerprint() != fp.0 {
+                    return;
+                }
+                match r {
+                    Record::Mark {
+                        expiry_unix_secs, ..
+                    } => {
+                        found = Some(LoggedMark {
+                            expiry_unix_secs,
+                            metadata: format::metadata_at(&bytes, off).map(<[u8]>::to_vec),
+                            forgotten: false,
+                        })
+                    }
+                    Record::Forget { .. } => {
+                        if let Some(f) = found.as_mut() {
+                            f.forgotten = true;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(found)
+    }
+
     /// (segment files, log bytes used in total).
     pub(crate) fn layout(&self) -> (usize, u64) {
         let guard = &crossbeam_epoch::pin();
@@ -462,6 +653,9 @@ impl Wal {
         (sealed.len() + 1, bytes)
     }
 }
+
+/// Records appended with one reservation.
+const APPEND_WINDOW: usize = 16;
 
 /// Create segment `seq`, durably, and open it for appending.
 pub(crate) fn create_segment(

@@ -2,7 +2,6 @@
 //! and what lies beyond (a torn tail, or corruption). Shared by recovery,
 //! `seen verify` and `seen inspect`. Never panics on any bytes.
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
-#![allow(missing_docs)]
 
 use super::format::{
     decode_record, record_seed, DecodeError, Decoded, Record, SegmentHeader, RECORD_ALIGN,
@@ -14,6 +13,7 @@ use super::format::{
 pub struct Damage {
     /// Offset of the first byte that is not a valid record.
     pub offset: usize,
+    /// Why the bytes there do not validate.
     pub reason: &'static str,
     /// End of the last non-zero byte (rounded up to a record boundary).
     pub nonzero_end: usize,

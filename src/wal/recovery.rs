@@ -1,8 +1,19 @@
-//! Opening a log: validate the store header, replay every segment in
-//! order, deal with damage by the chosen [`RecoveryMode`], and hand back a
-//! log ready for appending. Recovery is idempotent: it only ever zeroes a
-//! torn tail (then syncs), so opening N times — or crashing while opening —
-//! ends in the same state.
+//! Opening a log, in named steps (after raft-engine's `pipe_builder`):
+//!
+//! 1. [`scan_dir`]: sort the directory into store header, segments, stray
+//!    and temporary files;
+//! 2. [`load_header`]: read (or create) the store header, upgrading a v1
+//!    store to the current format version;
+//! 3. [`map_segments`]: map every segment and estimate the record count, so
+//!    the replay sink is sized once;
+//! 4. [`replay`]: feed live records to the sink (in parallel lanes when the
+//!    log is large) and apply the [`RecoveryMode`] to any damage;
+//! 5. [`finish`]: cut a torn tail, pick or create the active segment, purge
+//!    expired segments, report.
+//!
+//! Recovery is idempotent: it only ever zeroes a torn tail (then syncs) and
+//! rewrites the store header atomically, so opening N times — or crashing
+//! while opening — ends in the same state.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +23,8 @@ use super::format::{
     self, DecodeError, Record, StoreHeader, FORMAT_VERSION, MARK_RECORD_LEN, STORE_FILE,
 };
 use super::reader::{scan_segment, ScanError};
-use super::storage::Storage;
-use super::{RecoveryMode, Sealed, Segment, Wal};
+use super::storage::{Bytes, Storage};
+use super::{Opened, RecoveryMode, Sealed, Segment, Wal};
 use crate::{Error, Result, Secret};
 
 /// What opening a store found and did.
@@ -49,6 +60,8 @@ pub struct RecoveryReport {
     pub deleted_segments: usize,
     /// Files in the directory that are not part of a store (left alone).
     pub stray_files: Vec<String>,
+    /// The format version the store had, if this open upgraded it.
+    pub upgraded_from: Option<u32>,
     /// Time spent.
     pub duration: Duration,
 }
@@ -66,16 +79,13 @@ struct LastSegment {
     seal: bool,
 }
 
-pub(crate) struct OpenOptions {
+/// How to open a log.
+pub(crate) struct WalOptions {
     pub mode: RecoveryMode,
+    /// Size of segments created from now on.
     pub segment_size: usize,
+    /// The fingerprint secret for a new store; an existing store's must match.
     pub secret: Option<Secret>,
-}
-
-pub(crate) struct Opened {
-    pub wal: Wal,
-    pub secret: Secret,
-    pub report: RecoveryReport,
 }
 
 fn corruption(storage: &dyn Storage, name: &str, offset: u64, reason: impl Into<String>) -> Error {
@@ -94,7 +104,6 @@ fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
     }
 }
 
-/// Open (or create) the log in `storage`, feeding every live record to `apply`.
 /// Where replayed records go.
 ///
 /// Replay runs in lanes on several threads when the log is large: a
@@ -142,7 +151,7 @@ fn lane_of(r: &Record, lanes: u64) -> u64 {
 /// Replay one lane of every segment (a helper thread's share).
 fn replay_lane(
     segments: &[(u64, String)],
-    files: &[super::storage::Bytes],
+    files: &[Bytes],
     store_id: u128,
     salvage: bool,
     now_unix: u64,
@@ -176,9 +185,10 @@ fn replay_lane(
 /// Records handed to [`Replay::apply`] at a time.
 const REPLAY_CHUNK: usize = 256;
 
+/// Open (or create) the log in `storage`, feeding every live record to `sink`.
 pub(crate) fn open(
     storage: Arc<dyn Storage>,
-    opts: &OpenOptions,
+    opts: &WalOptions,
     now_unix: u64,
     sink: &dyn Replay,
     progress: &dyn Fn(usize, usize),
@@ -186,28 +196,114 @@ pub(crate) fn open(
     let started = Instant::now();
     let st = &*storage;
     let mut report = RecoveryReport::default();
-    let names = st.list().map_err(io(st, "."))?;
-    let mut segments = Vec::new();
-    let mut has_store = false;
-    for name in names {
+    let dir = scan_dir(st)?;
+    for tmp in &dir.temporaries {
+        // A file whose creation a crash interrupted: never renamed into
+        // place, so never part of the store.
+        st.remove(tmp).map_err(io(st, tmp))?;
+    }
+    report.stray_files = dir.stray;
+    let header = load_header(
+        st,
+        dir.has_store,
+        &dir.segments,
+        opts,
+        now_unix,
+        &mut report,
+    )?;
+    let (files, expected) = map_segments(st, &dir.segments)?;
+    sink.reserve(expected);
+    let (sealed, last) = replay(
+        st,
+        &dir.segments,
+        &files,
+        header.store_id,
+        opts.mode,
+        now_unix,
+        expected,
+        sink,
+        progress,
+        &mut report,
+    )?;
+    drop(files);
+    let wal = finish(storage, &header, opts, sealed, last, now_unix, &mut report)?;
+    report.duration = started.elapsed();
+    log_report(&report);
+    Ok(Opened {
+        wal,
+        secret: Secret::from_bytes(header.secret),
+        report,
+    })
+}
+
+/// A state directory sorted by what each file is.
+pub(crate) struct DirScan {
+    pub has_store: bool,
+    /// (sequence, file name), in sequence order.
+    pub segments: Vec<(u64, String)>,
+    /// Files no part of a store (left alone, reported).
+    pub stray: Vec<String>,
+    /// `*.tmp` files: creations a crash interrupted.
+    pub temporaries: Vec<String>,
+}
+
+/// Step 1: sort the directory's files.
+pub(crate) fn scan_dir(st: &dyn Storage) -> Result<DirScan> {
+    let mut scan = DirScan {
+        has_store: false,
+        segments: Vec::new(),
+        stray: Vec::new(),
+        temporaries: Vec::new(),
+    };
+    for name in st.list().map_err(io(st, "."))? {
         if name == STORE_FILE {
-            has_store = true;
+            scan.has_store = true;
         } else if name == format::LOCK_FILE {
         } else if let Some(seq) = format::parse_segment_file_name(&name) {
-            segments.push((seq, name));
+            scan.segments.push((seq, name));
         } else if name.ends_with(".tmp") {
-            // A file whose creation a crash interrupted: never renamed into
-            // place, so never part of the store.
-            st.remove(&name).map_err(io(st, &name))?;
+            scan.temporaries.push(name);
         } else {
-            report.stray_files.push(name);
+            scan.stray.push(name);
         }
     }
-    segments.sort();
+    scan.segments.sort();
+    Ok(scan)
+}
 
+/// Read and check the store header (`STORE`).
+pub(crate) fn read_header(st: &dyn Storage) -> Result<StoreHeader> {
+    let bytes = st.read(STORE_FILE).map_err(io(st, STORE_FILE))?;
+    StoreHeader::decode(&bytes).map_err(|e| super::header_error(st.path(STORE_FILE), e))
+}
+
+/// Step 2: the store header: read it (upgrading an older version in
+/// place), or create it for a new store.
+fn load_header(
+    st: &dyn Storage,
+    has_store: bool,
+    segments: &[(u64, String)],
+    opts: &WalOptions,
+    now_unix: u64,
+    report: &mut RecoveryReport,
+) -> Result<StoreHeader> {
     let header = if has_store {
-        let bytes = st.read(STORE_FILE).map_err(io(st, STORE_FILE))?;
-        StoreHeader::decode(&bytes).map_err(|e| super::header_error(st.path(STORE_FILE), e))?
+        let mut h = read_header(st)?;
+        if h.version < FORMAT_VERSION {
+            // Everything older builds wrote is readable here. Record the new
+            // version first, so an older build refuses the store instead of
+            // cutting records it does not know as damage.
+            report.upgraded_from = Some(h.version);
+            h.version = FORMAT_VERSION;
+            st.write_atomic(STORE_FILE, &h.encode())
+                .map_err(io(st, STORE_FILE))?;
+            tracing::info!(
+                from = report.upgraded_from,
+                to = FORMAT_VERSION,
+                "seen: store format upgraded"
+            );
+        }
+        h
     } else if let Some((_, first)) = segments.first() {
         return Err(corruption(
             st,
@@ -216,19 +312,24 @@ pub(crate) fn open(
             "log segments exist but the store header (STORE) is missing",
         ));
     } else {
-        let mut id = [0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|e| Error::Io {
-            path: "getrandom".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let random = |what: &'static str| {
+            let mut b = [0u8; 16];
+            getrandom::getrandom(&mut b)
+                .map(|()| b)
+                .map_err(|e| Error::System {
+                    what,
+                    source: std::io::Error::other(e),
+                })
+        };
+        let store_id = u128::from_le_bytes(random("a store id")?);
         let secret = match opts.secret {
-            Some(s) => s,
-            None => Secret::random().map_err(io(st, "getrandom"))?,
+            Some(s) => *s.as_bytes(),
+            None => random("a fingerprint secret")?,
         };
         let h = StoreHeader {
             version: FORMAT_VERSION,
-            store_id: u128::from_le_bytes(id),
-            secret: *secret.as_bytes(),
+            store_id,
+            secret,
             created_unix_secs: now_unix,
         };
         st.write_atomic(STORE_FILE, &h.encode())
@@ -236,28 +337,47 @@ pub(crate) fn open(
         report.created = true;
         h
     };
-    let secret = Secret::from_bytes(header.secret);
     if let Some(given) = opts.secret {
-        if given != secret {
+        if given != Secret::from_bytes(header.secret) {
             return Err(Error::Config(
                 "the given fingerprint secret differs from the one in the store header".into(),
             ));
         }
     }
+    Ok(header)
+}
 
-    let salvage = opts.mode == RecoveryMode::Salvage;
-    // Estimate the record count from where each segment's zero tail
-    // starts, so the set is sized once instead of growing through replay.
-    // Reading is mapping: the replay pass costs no extra I/O.
+/// Step 3: map every segment, and estimate the records from where each
+/// segment's zero tail starts, so the sink is sized once instead of
+/// growing through replay. Reading is mapping: no extra I/O.
+fn map_segments(st: &dyn Storage, segments: &[(u64, String)]) -> Result<(Vec<Bytes>, u64)> {
     let mut files = Vec::with_capacity(segments.len());
     let mut expected = 0u64;
-    for (_, name) in &segments {
+    for (_, name) in segments {
         let bytes = st.read(name).map_err(io(st, name))?;
         let used = used_len(&bytes).saturating_sub(format::SEGMENT_HEADER_LEN);
         expected += (used / MARK_RECORD_LEN) as u64;
         files.push(bytes);
     }
-    sink.reserve(expected);
+    Ok((files, expected))
+}
+
+/// Step 4: replay every segment into `sink` and decide about damage.
+/// Returns the sealed segments and the last one.
+#[allow(clippy::too_many_arguments)]
+fn replay(
+    st: &dyn Storage,
+    segments: &[(u64, String)],
+    files: &[Bytes],
+    store_id: u128,
+    mode: RecoveryMode,
+    now_unix: u64,
+    expected: u64,
+    sink: &dyn Replay,
+    progress: &dyn Fn(usize, usize),
+    report: &mut RecoveryReport,
+) -> Result<(Vec<Sealed>, Option<LastSegment>)> {
+    let salvage = mode == RecoveryMode::Salvage;
     let lanes = if expected >= PARALLEL_REPLAY_MIN_RECORDS {
         std::thread::available_parallelism()
             .map(|n| n.get() as u64)
@@ -274,12 +394,11 @@ pub(crate) fn open(
         // damage, on this one.
         let helpers: Vec<_> = (1..lanes)
             .map(|lane| {
-                let (segments, files) = (&segments, &files);
                 scope.spawn(move || {
                     replay_lane(
                         segments,
                         files,
-                        header.store_id,
+                        store_id,
                         salvage,
                         now_unix,
                         (lane, lanes),
@@ -290,7 +409,7 @@ pub(crate) fn open(
             .collect();
         let mut main = || -> Result<()> {
             let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
-            for (i, ((seq, name), bytes)) in segments.iter().zip(&files).enumerate() {
+            for (i, ((seq, name), bytes)) in segments.iter().zip(files).enumerate() {
                 progress(i, total);
                 let is_last = i + 1 == total;
                 report.segments += 1;
@@ -301,18 +420,18 @@ pub(crate) fn open(
                     report.forgotten += forgets;
                     chunk.clear();
                 };
-                let scan = scan_segment(bytes, header.store_id, *seq, salvage, |_, r| {
+                let scan = scan_segment(bytes, store_id, *seq, salvage, |_, r| {
                     report.records += 1;
                     if r.expiry_unix_secs() <= now_unix {
                         report.expired += 1;
                     } else if lane_of(&r, lanes) == 0 {
                         chunk.push(r);
                         if chunk.len() == REPLAY_CHUNK {
-                            flush(&mut chunk, &mut report);
+                            flush(&mut chunk, report);
                         }
                     }
                 });
-                flush(&mut chunk, &mut report);
+                flush(&mut chunk, report);
                 let scan = match scan {
                     Ok(scan) => scan,
                     Err(ScanError::Header(e @ DecodeError::UnsupportedVersion(_))) => {
@@ -327,7 +446,7 @@ pub(crate) fn open(
                 let mut cut = None;
                 let mut damaged = false;
                 if let Some(d) = &scan.damage {
-                    match opts.mode {
+                    match mode {
                         RecoveryMode::Salvage => {
                             damaged = true;
                             for &(off, len) in &d.skipped {
@@ -385,8 +504,21 @@ pub(crate) fn open(
         result
     })?;
     progress(total, total);
-    drop(files);
+    Ok((sealed, last))
+}
 
+/// Step 5: cut a torn tail, pick (or create) the segment to append to,
+/// build the log, delete fully expired segments.
+fn finish(
+    storage: Arc<dyn Storage>,
+    header: &StoreHeader,
+    opts: &WalOptions,
+    mut sealed: Vec<Sealed>,
+    last: Option<LastSegment>,
+    now_unix: u64,
+    report: &mut RecoveryReport,
+) -> Result<Wal> {
+    let st = &*storage;
     let (active, next_seq) = match last {
         Some(LastSegment {
             seq,
@@ -433,8 +565,11 @@ pub(crate) fn open(
         active,
         sealed,
     );
-    report.deleted_segments = wal.delete_expired(now_unix);
-    report.duration = started.elapsed();
+    report.deleted_segments = wal.purge_expired(now_unix);
+    Ok(wal)
+}
+
+fn log_report(report: &RecoveryReport) {
     tracing::info!(
         segments = report.segments,
         replayed = report.replayed,
@@ -460,9 +595,4 @@ pub(crate) fn open(
     if !report.stray_files.is_empty() {
         tracing::warn!(files = ?report.stray_files, "seen: stray files in the state directory");
     }
-    Ok(Opened {
-        wal,
-        secret,
-        report,
-    })
 }

@@ -176,7 +176,7 @@ mod power_loss {
             .durability(d)
             .clock(clock.clone())
             .background_sweep(false)
-            .open_storage(disk.clone(), None)
+            .open_storage(disk.clone())
             .unwrap()
     }
 
@@ -282,7 +282,7 @@ mod power_loss {
                 .clock(clock.clone())
                 .background_sweep(false)
                 .recovery_mode(RecoveryMode::TolerateTornTail)
-                .open_storage(crashed, None)
+                .open_storage(crashed)
                 .unwrap();
             for i in 400..600u32 {
                 assert!(!e.contains(i.to_le_bytes()).unwrap());

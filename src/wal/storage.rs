@@ -21,6 +21,12 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// A whole file's bytes (mapped where possible: replay reads the log
     /// twice and copies nothing).
     fn read(&self, name: &str) -> io::Result<Bytes>;
+    /// The first `len` bytes of a file, copied (for a segment that is being
+    /// appended to: bytes past `len` may be changing).
+    fn read_prefix(&self, name: &str, len: usize) -> io::Result<Vec<u8>> {
+        let bytes = self.read(name)?;
+        Ok(bytes.get(..len).unwrap_or(&bytes).to_vec())
+    }
     /// Create or replace `name` atomically and durably (write a temporary
     /// file, sync it, rename it over, sync the directory).
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
@@ -68,6 +74,9 @@ pub(crate) trait SegmentFile: Send + Sync {
 /// Segments as mapped, preallocated files in a directory.
 pub(crate) struct DirStorage {
     dir: PathBuf,
+    /// Reads map files (only safe with the directory lock held: nobody
+    /// else changes them underneath the mapping).
+    mapped_reads: bool,
 }
 
 impl DirStorage {
@@ -81,10 +90,28 @@ impl DirStorage {
         }
         Ok(DirStorage {
             dir: dir.to_path_buf(),
+            mapped_reads: true,
+        })
+    }
+
+    /// Look at an existing directory without its lock (inspect, verify):
+    /// reads copy files instead of mapping them, since another process may
+    /// be appending.
+    pub(crate) fn unlocked(dir: &Path) -> io::Result<DirStorage> {
+        if !dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such state directory",
+            ));
+        }
+        Ok(DirStorage {
+            dir: dir.to_path_buf(),
+            mapped_reads: false,
         })
     }
 
     fn sync_dir(&self) -> io::Result<()> {
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::sync_dir", |_| Err(io::Error::other(
             "failpoint wal::sync_dir"
         )));
@@ -102,6 +129,7 @@ impl DirStorage {
 }
 
 fn preallocate(file: &File, size: usize) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
     fail::fail_point!("wal::preallocate", |_| Err(io::Error::from_raw_os_error(
         libc::ENOSPC
     )));
@@ -143,6 +171,9 @@ impl Storage for DirStorage {
     }
 
     fn read(&self, name: &str) -> io::Result<Bytes> {
+        if !self.mapped_reads {
+            return fs::read(self.dir.join(name)).map(Bytes::Owned);
+        }
         let file = File::open(self.dir.join(name))?;
         if file.metadata()?.len() == 0 {
             return Ok(Bytes::Owned(Vec::new()));
@@ -156,12 +187,21 @@ impl Storage for DirStorage {
         Ok(Bytes::Mapped(map))
     }
 
+    fn read_prefix(&self, name: &str, len: usize) -> io::Result<Vec<u8>> {
+        let file = File::open(self.dir.join(name))?;
+        let len = len.min(file.metadata()?.len() as usize);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let _ = fs::remove_file(&tmp);
         let mut f = Self::new_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::rename", |_| Err(io::Error::other(
             "failpoint wal::rename"
         )));
@@ -180,11 +220,13 @@ impl Storage for DirStorage {
         let file = Self::new_file(&tmp)?;
         let result = (|| {
             preallocate(&file, size)?;
+            #[cfg(feature = "failpoints")]
             fail::fail_point!("wal::write", |_| Err(io::Error::other(
                 "failpoint wal::write"
             )));
             file.write_all_at(header, 0)?;
             file.sync_all()?;
+            #[cfg(feature = "failpoints")]
             fail::fail_point!("wal::rename", |_| Err(io::Error::other(
                 "failpoint wal::rename"
             )));
@@ -258,6 +300,7 @@ impl SegmentFile for MappedSegment {
     }
 
     fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("wal::msync", |_| Err(io::Error::other(
             "failpoint wal::msync"
         )));
