@@ -4,9 +4,14 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 fn filter(args: &[&str], input: &[u8]) -> Output {
+    filter_env(args, &[], input)
+}
+
+fn filter_env(args: &[&str], env: &[(&str, &str)], input: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_seen"))
         .arg("filter")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -112,29 +117,26 @@ fn bad_flags_are_clear_errors() {
 }
 
 #[test]
-fn sample_has_about_a_quarter_duplicates() {
+fn sample_has_about_a_quarter_duplicates_and_the_quick_start_keeps_every_event() {
     let sample = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/debezium-sample.ndjson"
     ))
     .unwrap();
-    let o = filter(
-        &[
-            "--key",
-            "/source/lsn",
-            "--key",
-            "/source/txId",
-            "--key",
-            "/source/table",
-        ],
-        &sample,
-    );
+    // Ground truth: an event is its JSON minus the envelope's ts_ms.
+    let mut distinct = std::collections::HashSet::new();
+    let mut read = 0;
+    for line in sample.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let mut v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        v.as_object_mut().unwrap().remove("ts_ms");
+        distinct.insert(v.to_string());
+        read += 1;
+    }
+    // The README's quick start.
+    let o = filter(&["--id", "debezium"], &sample);
     assert!(o.status.success());
     let new = stdout(&o).lines().count();
-    let read = sample
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .count();
+    assert_eq!(new, distinct.len(), "every distinct change event, once");
     let dup = read - new;
     assert!(
         (0.2..0.3).contains(&(dup as f64 / read as f64)),
@@ -233,5 +235,157 @@ fn a_second_filter_on_the_same_state_is_refused() {
         stderr(&second).contains("in use by another process"),
         "{}",
         stderr(&second)
+    );
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/debezium/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// Real PostgreSQL-connector output: a 9-row snapshot sharing one lsn and
+/// txId, 7 streaming changes (a three-row transaction among them), then 10
+/// redeliveries. 16 distinct change events.
+#[test]
+fn debezium_ids_keep_every_distinct_postgres_change() {
+    let input = fixture("postgres.ndjson");
+    let o = filter(&["--id", "debezium"], &input);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 16, "{}", stderr(&o));
+    assert!(stderr(&o).contains("new 16, duplicate 10, invalid 0"));
+    // Every snapshot row made it through.
+    for id in [1001, 1002, 1003, 1004, 101, 102, 103, 104, 105] {
+        assert!(
+            out.contains(&format!(r#""op":"r""#)) && out.contains(&format!(r#"{{"id":{id},"#)),
+            "row {id} lost"
+        );
+    }
+    // The old quick-start recipe keyed on position and table only: it takes
+    // snapshot rows for redeliveries of each other and loses them.
+    let old = filter(
+        &[
+            "--key",
+            "/source/lsn",
+            "--key",
+            "/source/txId",
+            "--key",
+            "/source/table",
+        ],
+        &input,
+    );
+    assert!(
+        stdout(&old).lines().count() < 16,
+        "the old recipe would be fine after all"
+    );
+}
+
+/// MySQL-connector output in the JSON converter's schema/payload envelope:
+/// a snapshot at one binlog position, a three-row INSERT (one event,
+/// rows 0..2), an update, and 4 redeliveries.
+#[test]
+fn debezium_ids_read_mysql_positions_in_the_schema_envelope() {
+    let o = filter(&["--id", "debezium"], &fixture("mysql-envelope.ndjson"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 7);
+    assert!(stderr(&o).contains("new 7, duplicate 4, invalid 0"));
+}
+
+#[test]
+fn debezium_bad_events_follow_the_invalid_policy() {
+    let input = b"{\"op\":\"c\"}\nnull\n{\"source\":{\"lsn\":1\n{\"source\":{\"lsn\":1,\"table\":\"t\"},\"op\":\"c\"}\n";
+    let o = filter(&["--id", "debezium"], input);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o).lines().count(), 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("line 1: not a Debezium change event: no source block"),
+        "{err}"
+    );
+    assert!(err.contains("line 2: tombstone"), "{err}");
+    assert!(err.contains("line 3: malformed JSON"), "{err}");
+    let o = filter(&["--id", "debezium", "--on-invalid", "fail"], input);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stdout(&o), "");
+    let o = filter(&["--id", "nope"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--id"), "{}", stderr(&o));
+}
+
+/// The environment and the flags are one configuration: the CLI honours
+/// every SEEN_* variable the library does, and a bad variable is reported
+/// by its own name, not by a flag the user never typed.
+#[test]
+fn environment_configures_the_cli_like_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let s = state.to_str().unwrap();
+    let o = filter_env(
+        &["--state", s],
+        &[
+            ("SEEN_DURABILITY", "periodic:5ms"),
+            ("SEEN_TTL_SECONDS", "1h"),
+            ("SEEN_SEGMENT_SIZE", "64KiB"),
+            ("SEEN_SHARDS", "8"),
+            ("SEEN_MEMORY_LIMIT_BYTES", "16MiB"),
+            ("SEEN_MEMORY_POLICY", "evict-oldest"),
+            ("SEEN_RECOVERY_MODE", "absolute-consistency"),
+        ],
+        b"a\nb\na\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "a\nb\n");
+    let seg = std::fs::metadata(state.join("wal-0000000000000001.seg")).unwrap();
+    assert_eq!(seg.len(), 64 << 10, "SEEN_SEGMENT_SIZE sized the segment");
+    for (var, value) in [
+        ("SEEN_TTL_SECONDS", "soon"),
+        ("SEEN_DURABILITY", "always"),
+        ("SEEN_SHARDS", "many"),
+        ("SEEN_SEGMENT_SIZE", "12 parsecs"),
+    ] {
+        let o = filter_env(&[], &[(var, value)], b"");
+        assert!(!o.status.success(), "{var}={value}");
+        let err = stderr(&o);
+        assert!(err.contains(var), "{var}: {err}");
+        assert!(!err.contains("--"), "{var} blamed on a flag: {err}");
+    }
+    // A flag wins over its variable.
+    let o = filter_env(&["--ttl", "0"], &[("SEEN_TTL_SECONDS", "1h")], b"a\na\n");
+    assert_eq!(stdout(&o), "a\na\n");
+    // Out of range (a parsed value the engine refuses) names the setting.
+    let o = filter_env(&[], &[("SEEN_SHARDS", "3")], b"");
+    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+}
+
+#[test]
+fn inspect_shows_one_ids_mark_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().to_str().unwrap();
+    {
+        let engine = seen::Engine::builder().open(dir.path()).unwrap();
+        engine
+            .check_and_insert_with_metadata("order-7", br#"{"by":"billing"}"#)
+            .unwrap();
+        engine.check_and_insert("order-8").unwrap();
+    }
+    let o = seen(&["inspect", s, "--id", "order-7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("mark         live"), "{text}");
+    assert!(text.contains(r#"metadata     {"by":"billing"}"#), "{text}");
+    let o = seen(&["inspect", s, "--id", "order-8"]);
+    assert!(stdout(&o).contains("metadata     -"), "{}", stdout(&o));
+    let o = seen(&["inspect", s, "--id", "order-9"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("none in the log"));
+    let o = seen(&["inspect", s]);
+    assert!(stdout(&o).contains("format       v2"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("1 marks carry metadata"),
+        "{}",
+        stdout(&o)
     );
 }

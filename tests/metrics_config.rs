@@ -185,3 +185,66 @@ fn cli_serves_metrics_while_filtering() {
     assert!(body.contains("seen_new_total 2"), "{body}");
     assert!(body.contains("seen_duplicate_total 1"), "{body}");
 }
+
+/// Every variable the README documents is read by `Config`, every variable
+/// `Config` reads is documented, and each one changes the configuration.
+#[test]
+fn every_documented_variable_works() {
+    let readme = include_str!("../README.md");
+    let mut documented: Vec<String> = Vec::new();
+    for (i, _) in readme.match_indices("SEEN_") {
+        let name: String = readme[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_' || c.is_ascii_digit())
+            .collect();
+        if name.len() > "SEEN_".len() && !documented.contains(&name) {
+            documented.push(name);
+        }
+    }
+    assert!(readme.contains("KAFKA_DEDUP_TTL_SECONDS"));
+    documented.push("KAFKA_DEDUP_TTL_SECONDS".into());
+    // Variables of the test harnesses, not of seen itself.
+    let harness = [
+        "SEEN_FUZZ_SECONDS",
+        "SEEN_KILL_ROUNDS",
+        "SEEN_BENCH_PEERS",
+        "SEEN_BENCH_PRESIZE",
+        "SEEN_REGENERATE_FIXTURE",
+    ];
+    documented.retain(|v| !harness.contains(&v.as_str()));
+    for var in &documented {
+        assert!(
+            seen::config::ENV_VARS.contains(&var.as_str()),
+            "the README documents {var}, which Config does not read"
+        );
+    }
+    let default = Config::from_vars(Vec::<(String, String)>::new()).unwrap();
+    for &var in seen::config::ENV_VARS {
+        assert!(
+            documented.iter().any(|d| d == var),
+            "Config reads {var}, which the README does not document"
+        );
+        let value = match var {
+            "SEEN_TTL_SECONDS" | "KAFKA_DEDUP_TTL_SECONDS" => "90s",
+            "SEEN_STATE_DIR" => "/tmp/x",
+            "SEEN_DURABILITY" => "none",
+            "SEEN_MAX_ID_LEN" | "SEEN_CAPACITY" | "SEEN_SHARDS" => "16",
+            "SEEN_MEMORY_LIMIT_BYTES" | "SEEN_SEGMENT_SIZE" => "1MiB",
+            "SEEN_MEMORY_POLICY" => "evict-oldest",
+            "SEEN_RECOVERY_MODE" => "salvage",
+            "SEEN_METRICS_ADDR" => "127.0.0.1:9898",
+            other => panic!("no sample value for {other}: add one"),
+        };
+        let mut vars = vec![(var, value)];
+        if var == "SEEN_MEMORY_POLICY" {
+            vars.push(("SEEN_MEMORY_LIMIT_BYTES", "1MiB"));
+        }
+        let c = Config::from_vars(vars.clone()).unwrap();
+        assert_ne!(c, default, "{var}={value} changed nothing");
+        let bad = Config::from_vars([(var, "\u{1F600}")]);
+        if var != "SEEN_STATE_DIR" {
+            let err = bad.unwrap_err().to_string();
+            assert!(err.contains(var), "{err}");
+        }
+    }
+}
