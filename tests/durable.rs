@@ -402,3 +402,32 @@ fn large_logs_replay_in_parallel_lanes_with_per_id_order_kept() {
         assert_eq!(e.contains(i.to_le_bytes()).unwrap(), expect, "id {i}");
     }
 }
+
+/// A new store starts with a 1 MiB segment and doubles up to the segment
+/// size, so a small store does not take 64 MiB of disk.
+#[test]
+fn segments_grow_from_small_to_the_configured_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::builder()
+        .segment_size(4 << 20)
+        .durability(Durability::None)
+        .background_sweep(false)
+        .open(dir.path())
+        .unwrap();
+    let len = |seq: u64| {
+        fs::metadata(dir.path().join(format!("wal-{seq:016x}.seg")))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    assert_eq!(len(1), 1 << 20);
+    // 32-byte marks: ~7 MiB of them fill 1 + 2 + 4 MiB segments.
+    let ids: Vec<String> = (0..230_000).map(|i| format!("grow-{i}")).collect();
+    for chunk in ids.chunks(1000) {
+        e.check_and_insert_batch(chunk).unwrap();
+    }
+    assert_eq!((len(2), len(3), len(4)), (2 << 20, 4 << 20, 4 << 20));
+    drop(e);
+    let e = Engine::builder().open(dir.path()).unwrap();
+    assert_eq!(e.recovery_report().unwrap().replayed, 230_000);
+    assert!(e.contains("grow-0").unwrap() && e.contains("grow-229999").unwrap());
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::durable::{Durability, Durable};
 use super::replay::SetReplay;
 use super::{Engine, Inner, DEFAULT_MAX_ID_LEN, DEFAULT_SHARDS, DEFAULT_TTL, MAX_ID_LEN_LIMIT};
+use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprinter, Secret};
 use crate::set::{MemoryPolicy, SetConfig, ShardedSet};
 use crate::stats::{Counters, Histograms};
@@ -18,7 +19,6 @@ use crate::ttl::{SweepSchedule, Tick};
 use crate::wal::{
     Opened, RecoveryMode, Wal, WalOptions, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
 };
-use crate::{Error, Result};
 
 /// Configures an [`Engine`]. Start with [`Engine::builder`].
 pub struct EngineBuilder {

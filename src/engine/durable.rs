@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use crossbeam_epoch::Guard;
 
+use crate::error::Result;
 use crate::fingerprint::Fingerprint;
 use crate::set::ShardedSet;
 use crate::ttl::Tick;
 use crate::wal::{Position, RecoveryReport, Wal};
-use crate::Result;
 
 /// When an acknowledged mark is on disk. Each mode is described by what it
 /// does *not* promise.

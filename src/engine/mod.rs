@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use crossbeam_epoch as epoch;
 
+use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::set::{ShardedSet, Verdict};
 use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::Clock;
 use crate::ttl::Tick;
 use crate::wal::RecoveryReport;
-use crate::{Error, Result};
 
 mod builder;
 mod durable;
@@ -544,7 +544,10 @@ impl Engine {
     /// it, for audit (durable engines; `None` in memory or if the log has
     /// no mark of it). It scans the live log: one pass over about 32 bytes
     /// per mark made within the TTL, so call it for an audit, not per event.
-    pub fn stored_mark(&self, id: impl AsRef<[u8]>) -> Result<Option<crate::inspect::StoredMark>> {
+    pub fn stored_mark(
+        &self,
+        id: impl AsRef<[u8]>,
+    ) -> Result<Option<crate::wal::inspect::StoredMark>> {
         let fp = self.fingerprint(id)?;
         match &self.inner.durable {
             Some(d) => Ok(d.wal.lookup(fp)?.map(Into::into)),

@@ -5,8 +5,8 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::table::{Insert, Key, Table};
+use crate::fingerprint::Fingerprint;
 use crate::ttl::Tick;
-use crate::Fingerprint;
 
 const NOW: Tick = Tick(10);
 const LATER: Tick = Tick(20);

@@ -26,8 +26,9 @@ use parking_lot::Mutex;
 
 use table::{Forget, Insert, Key, Table};
 
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 use crate::ttl::Tick;
-use crate::{Error, Fingerprint, Result};
 
 /// Migrate when this fraction of a table's slots is claimed.
 const MAX_LOAD: f64 = 0.8;

@@ -34,10 +34,10 @@
 
 use crossbeam_utils::CachePadded;
 
+use crate::fingerprint::Fingerprint;
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use crate::sync::backoff;
 use crate::ttl::Tick;
-use crate::Fingerprint;
 
 const EMPTY: u64 = 0;
 const FROZEN: u64 = 1;

@@ -12,8 +12,8 @@ use super::reader::scan_segment;
 pub use super::reader::Damage;
 use super::recovery::{read_header, scan_dir};
 use super::storage::{DirStorage, Storage};
+use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprinter, Secret};
-use crate::{Error, Result};
 
 /// One segment as found on disk.
 #[derive(Clone, Debug)]

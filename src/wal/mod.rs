@@ -43,10 +43,11 @@ use std::sync::Arc;
 use crossbeam_epoch::{Atomic, Guard, Owned};
 use parking_lot::{Condvar, Mutex};
 
+use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
+use crate::fingerprint::Secret;
 use crate::stats::Histogram;
 use crate::sync::backoff;
-use crate::{Error, Result, Secret};
 use format::{encode_record, record_seed, Record, SegmentHeader, FORMAT_VERSION, MARK_RECORD_LEN};
 pub use recovery::RecoveryReport;
 pub(crate) use recovery::{Replay, WalOptions};
@@ -102,6 +103,9 @@ impl Position {
 pub const MAX_SEGMENT_SIZE: usize = u32::MAX as usize;
 /// Smallest useful segment: a header and a few records.
 pub const MIN_SEGMENT_SIZE: usize = 4096;
+/// Size of a new store's first segment (or the segment size, if smaller);
+/// each next segment doubles, up to the segment size.
+pub const FIRST_SEGMENT_SIZE: usize = 1 << 20;
 /// Default segment size: 64 MiB, about 2M marks.
 pub const DEFAULT_SEGMENT_SIZE: usize = 64 << 20;
 
@@ -443,7 +447,10 @@ impl Wal {
                 return Err(self.poison("syncing a sealed segment", &e));
             }
         }
-        let next = match self.create_segment(seg.seq + 1) {
+        // Segments grow from a small first one to the configured size, so a
+        // small store does not take a full segment of disk.
+        let size = (seg.capacity * 2).min(self.segment_size);
+        let next = match self.create_segment(seg.seq + 1, size) {
             Ok(s) => s,
             Err(e) => return Err(self.poison("creating the next segment", &e)),
         };
@@ -469,8 +476,8 @@ impl Wal {
         Ok(())
     }
 
-    pub(crate) fn create_segment(&self, seq: u64) -> std::io::Result<Segment> {
-        create_segment(&*self.storage, self.store_id, self.segment_size, seq)
+    fn create_segment(&self, seq: u64, size: usize) -> std::io::Result<Segment> {
+        create_segment(&*self.storage, self.store_id, size, seq)
     }
 
     /// Observe sync durations into `h`.
@@ -669,7 +676,7 @@ pub(crate) fn create_segment(
         seq,
         store_id,
         size: segment_size as u64,
-        created_unix_secs: crate::ttl::clock::Clock::now_unix_secs(&crate::SystemClock),
+        created_unix_secs: crate::ttl::clock::Clock::now_unix_secs(&crate::ttl::clock::SystemClock),
     }
     .encode();
     let file = storage.create_segment(&format::segment_file_name(seq), segment_size, &header)?;

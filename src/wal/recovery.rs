@@ -25,7 +25,8 @@ use super::format::{
 use super::reader::{scan_segment, ScanError};
 use super::storage::{Bytes, Storage};
 use super::{Opened, RecoveryMode, Sealed, Segment, Wal};
-use crate::{Error, Result, Secret};
+use crate::error::{Error, Result};
+use crate::fingerprint::Secret;
 
 /// What opening a store found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -551,11 +552,17 @@ fn finish(
                 )
             }
         }
+        // A new store starts small (segments double from there).
         None => (None, 1),
+    };
+    let size = if next_seq == 1 {
+        opts.segment_size.min(super::FIRST_SEGMENT_SIZE)
+    } else {
+        opts.segment_size
     };
     let active = match active {
         Some(seg) => seg,
-        None => super::create_segment(st, header.store_id, opts.segment_size, next_seq)
+        None => super::create_segment(st, header.store_id, size, next_seq)
             .map_err(io(st, &format::segment_file_name(next_seq)))?,
     };
     let wal = Wal::new(
