@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use seen::{Durability, Engine};
 
 #[derive(Args, Debug)]
@@ -20,24 +20,19 @@ pub(crate) struct BenchArgs {
     /// Ids per call (1 = single `check_and_insert` calls).
     #[arg(long, default_value_t = 1000)]
     batch: u64,
-    /// Durability of the engine under test.
-    #[arg(long, value_enum, default_value_t = BenchDurability::Sync)]
-    durability: BenchDurability,
-    /// Interval for `--durability periodic`.
-    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
-    flush_interval: Duration,
+    /// Durability of the engine under test: `sync`, `periodic`,
+    /// `periodic:<duration>` or `none` (the same spellings as everywhere).
+    #[arg(long, default_value = "sync", value_parser = clap::value_parser!(Durability))]
+    durability: Durability,
+    /// Interval for `--durability periodic` (same as `periodic:<d>`).
+    #[arg(long, value_parser = humantime::parse_duration, hide = true)]
+    flush_interval: Option<Duration>,
     /// Scratch state directory (default: a fresh one under the system temp
     /// dir, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum BenchDurability {
-    None,
-    Periodic,
-    Sync,
-}
 
 fn mix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -82,10 +77,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             true,
         ),
     };
-    let durability = match args.durability {
-        BenchDurability::None => Durability::None,
-        BenchDurability::Periodic => Durability::Periodic(args.flush_interval),
-        BenchDurability::Sync => Durability::Sync,
+    let durability = match (args.durability, args.flush_interval) {
+        (Durability::Periodic(_), Some(every)) => Durability::Periodic(every),
+        (d, _) => d,
     };
     let per_thread = args.events / args.threads.max(1);
     let batch = args.batch.max(1);

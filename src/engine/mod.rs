@@ -216,11 +216,17 @@ impl Engine {
     /// for this call). The one place that decides it.
     #[inline]
     fn expiry(&self, now: Tick, ttl: Duration) -> Option<Tick> {
-        if ttl.is_zero() || self.inner.ttl.is_zero() {
+        if ttl.is_zero() || !self.remembers() {
             None
         } else {
             Some(now.plus(ttl))
         }
+    }
+
+    /// Does this engine remember marks at all (its TTL is not zero)?
+    #[inline]
+    fn remembers(&self) -> bool {
+        !self.inner.ttl.is_zero()
     }
 
     /// The memory half of a mark: insert-if-absent, counted.
@@ -535,9 +541,7 @@ impl Engine {
     /// [`Engine::contains`] for a fingerprint computed earlier.
     #[inline]
     pub fn contains_fingerprint(&self, fp: Fingerprint) -> bool {
-        let now = self.inner.now();
-        self.expiry(now, self.inner.ttl).is_some()
-            && self.inner.set.contains(fp, now, &epoch::pin())
+        self.remembers() && self.inner.set.contains(fp, self.inner.now(), &epoch::pin())
     }
 
     /// The latest mark of `id` in the log, with the metadata stored beside
