@@ -1,5 +1,5 @@
 //! Atomics used by the lock-free set, swapped for loom's under `--cfg seen_loom`
-//! so the insert protocol can be model-checked (see `tests/loom_set.rs`).
+//! so the insert protocol can be model-checked (see `src/set/loom_tests.rs`, run by `.ci/run` with `RUSTFLAGS="--cfg seen_loom"`).
 
 #[cfg(seen_loom)]
 pub(crate) use loom::sync::atomic;

@@ -33,7 +33,6 @@ pub(crate) struct BenchArgs {
     dir: Option<PathBuf>,
 }
 
-
 fn mix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
