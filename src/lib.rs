@@ -10,6 +10,9 @@ mod fingerprint;
 #[cfg(feature = "guard")]
 #[cfg_attr(docsrs, doc(cfg(feature = "guard")))]
 pub mod guard;
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;

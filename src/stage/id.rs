@@ -110,6 +110,15 @@ pub enum InvalidId {
     /// record key.
     #[error("tombstone (null value){0}")]
     Tombstone(&'static str),
+    /// The header that should carry the id is missing.
+    #[error("missing header {0}")]
+    MissingHeader(String),
+    /// The message has no key.
+    #[error("message has no key")]
+    NoKey,
+    /// The message has no payload.
+    #[error("message has no payload")]
+    NoPayload,
     /// The id itself was refused (empty, or over the length limit).
     #[error("{0}")]
     Refused(String),

@@ -1,0 +1,57 @@
+//! Kafka (feature `kafka`, on rdkafka): event ids read from messages, and a
+//! dedup consumer loop that commits offsets only behind durable marks.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use seen::guard::IdempotencyGuard;
+//! use seen::kafka::{DedupConsumer, DedupConsumerConfig, IdStrategy};
+//!
+//! let engine = Arc::new(seen::Engine::builder()
+//!     .durability(seen::Durability::None) // the loop syncs before each offset commit
+//!     .open("./seen-state")?);
+//! let mut config = DedupConsumerConfig::new("127.0.0.1:9092", "billing", &["orders"]);
+//! config.ids = "header:idempotency_key|debezium".parse::<IdStrategy>()?;
+//! let consumer = DedupConsumer::new(config, Arc::new(IdempotencyGuard::new(engine)))?;
+//! consumer
+//!     .run(
+//!         |msg| async move {
+//!             // charge, write, call … once per id
+//!             let _ = msg;
+//!             Ok::<_, std::io::Error>(())
+//!         },
+//!         seen::kafka::shutdown_signal(), // SIGINT or SIGTERM
+//!     )
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod ids;
+
+pub use consumer::{
+    ConsumeError, ConsumerStats, DedupConsumer, DedupConsumerConfig, InvalidMessages,
+};
+pub use ids::{header, IdStrategy, IDEMPOTENCY_KEY_HEADER};
+
+/// Completes on SIGINT or SIGTERM: pass it to [`DedupConsumer::run`] for
+/// a graceful stop (marks made durable, offsets committed, then return).
+/// If the signal handlers cannot be installed it completes at once, so a
+/// misconfigured process stops instead of running without a way out.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "seen: cannot install SIGINT/SIGTERM handlers; stopping");
+        }
+    }
+}
