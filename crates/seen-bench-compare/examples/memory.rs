@@ -1,6 +1,6 @@
 //! Resident bytes per key at 10M keys, one structure per process:
 //!
-//!     cargo run --release --example memory -- seen
+//!     cargo run --release -p seen-bench-compare --example memory -- seen
 //!
 //! Structures: seen, seen-presized, dashmap, scc, papaya, moka-ttl,
 //! rwlock-hashbrown, dashmap-u64, scc-u64, papaya-u64, rwlock-hashbrown-u64.
