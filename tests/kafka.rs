@@ -261,3 +261,317 @@ async fn unreachable_brokers_fail_within_the_connect_timeout() {
     assert!(matches!(err, ConsumeError::Kafka(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Read every message of `topic` (all partitions) from the start.
+fn read_all(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expect: usize,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    drop(tpl);
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while out.len() < expect && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+fn header_of(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    seen::kafka::header(m, name).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_stamps_ids_that_the_consumer_dedups() {
+    use seen::kafka::{Event, EventProducer, MessagePack};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let producer = EventProducer::new(&brokers, &[]).unwrap();
+    let first = producer
+        .send(&Event {
+            topic: TOPIC,
+            payload: b"charge 7",
+            event_type: Some("payment.requested"),
+            correlation_id: Some("req-1"),
+            partition: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A UUIDv7: 36 characters, version nibble 7.
+    assert_eq!(first.idempotency_key.len(), 36);
+    assert_eq!(first.idempotency_key.as_bytes()[14], b'7');
+    // The same event sent again (a producer retry) carries the same id.
+    let again = producer
+        .send(&Event {
+            topic: TOPIC,
+            payload: b"charge 7",
+            idempotency_key: Some(&first.idempotency_key),
+            partition: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.idempotency_key, first.idempotency_key);
+    #[derive(serde::Serialize)]
+    struct Refund {
+        order: u32,
+    }
+    producer
+        .send_value(
+            &Event {
+                topic: TOPIC,
+                idempotency_key: Some("refund-3"),
+                partition: Some(0),
+                ..Default::default()
+            },
+            &Refund { order: 3 },
+            &MessagePack,
+        )
+        .await
+        .unwrap();
+    let got = read_all(&brokers, TOPIC, 2, 3);
+    assert_eq!(got.len(), 3);
+    let stamped = got
+        .iter()
+        .find(|m| m.partition() == 0 && m.offset() == 0)
+        .unwrap();
+    assert_eq!(
+        header_of(stamped, "event_type").as_deref(),
+        Some("payment.requested")
+    );
+    assert_eq!(
+        header_of(stamped, "correlation_id").as_deref(),
+        Some("req-1")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let seen: Seen = Arc::default();
+    let consumer = DedupConsumer::new(config(&brokers, "stamped"), engine(dir.path())).unwrap();
+    run_until(&consumer, &seen, 3, 0).await.unwrap();
+    let s = consumer.stats();
+    assert_eq!(s.handled.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(s.duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_the_message_and_the_reason() {
+    use seen::kafka::AfterRetries;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    cluster.create_topic("dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce(
+        &brokers,
+        &[
+            (Some("ok"), "ok"),
+            (None, "no header"),
+            (Some("poison"), "poison"),
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&brokers, "dl");
+    c.on_invalid = InvalidMessages::DeadLetter;
+    c.after_retries = AfterRetries::DeadLetter;
+    c.retries = 1;
+    c.dead_letter_topic = Some("dlq".into());
+    let guard = engine(dir.path());
+    let consumer = DedupConsumer::new(c, Arc::clone(&guard)).unwrap();
+    let handled: Seen = Arc::default();
+    let h = Arc::clone(&handled);
+    let stats = consumer.stats();
+    let stop = async {
+        while stats.received.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    consumer
+        .run(
+            move |msg| {
+                let h = Arc::clone(&h);
+                async move {
+                    let p = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+                    if p == "poison" {
+                        return Err("cannot apply poison");
+                    }
+                    *h.lock().unwrap().entry(p).or_default() += 1;
+                    Ok(())
+                }
+            },
+            stop,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer
+            .stats()
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    drop(consumer);
+    // Every offset moved on; the poison id stays unmarked.
+    assert_eq!(committed(&brokers, "dl").iter().sum::<i64>(), 3);
+    assert!(!guard.is_processed("poison").unwrap());
+    let dead = read_all(&brokers, "dlq", 1, 2);
+    assert_eq!(dead.len(), 2);
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| header_of(m, seen::kafka::DEAD_LETTER_REASON_HEADER).unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("missing header idempotency_key")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("handler failed 2 times: cannot apply poison")),
+        "{reasons:?}"
+    );
+    let poison = dead
+        .iter()
+        .find(|m| m.payload() == Some(b"poison".as_slice()))
+        .unwrap();
+    assert_eq!(
+        header_of(poison, "idempotency_key").as_deref(),
+        Some("poison")
+    );
+    assert!(header_of(poison, seen::kafka::DEAD_LETTER_ORIGIN_HEADER)
+        .unwrap()
+        .starts_with("events/"));
+    // A dead-letter policy without a topic is refused up front.
+    let mut c = config(&brokers, "nodlq");
+    c.on_invalid = InvalidMessages::DeadLetter;
+    assert!(matches!(
+        DedupConsumer::new(c, guard),
+        Err(ConsumeError::NoDeadLetterTopic)
+    ));
+}
+
+/// Two consumers in one group share one engine (global scope). The second
+/// joins while the first is mid-stream with duplicates still to come: the
+/// rebalance revokes partitions from the first (which commits behind a
+/// sync) and assigns them to the second. No id is handled twice, none is
+/// skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_rebalance_neither_doubles_nor_drops() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut msgs: Vec<(Option<String>, String)> = Vec::new();
+    for i in 0..300 {
+        msgs.push((Some(format!("r-{i}")), format!("r-{i}")));
+        if i % 3 == 0 {
+            // Duplicates on the other partition, after the rebalance.
+            msgs.push((Some(format!("r-{}", i / 2)), format!("r-{}", i / 2)));
+        }
+    }
+    let refs: Vec<(Option<&str>, &str)> = msgs
+        .iter()
+        .map(|(a, b)| (a.as_deref(), b.as_str()))
+        .collect();
+    produce(&brokers, &refs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let guard = engine(dir.path());
+    let seen: Seen = Arc::default();
+    let total = msgs.len() as u64;
+    let slow = |seen: Seen| {
+        move |msg: rdkafka::message::OwnedMessage| {
+            let seen = Arc::clone(&seen);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let p = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+                *seen.lock().unwrap().entry(p).or_default() += 1;
+                Ok::<_, std::io::Error>(())
+            }
+        }
+    };
+    let a = DedupConsumer::new(config(&brokers, "pair"), Arc::clone(&guard)).unwrap();
+    let b_guard = Arc::clone(&guard);
+    let brokers_b = brokers.clone();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rb = Arc::clone(&received);
+    let seen_b = Arc::clone(&seen);
+    let started = Arc::clone(&seen);
+    let b_task = tokio::spawn(async move {
+        // Join once the first is under way.
+        while started.lock().unwrap().len() < 40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let b = DedupConsumer::new(config(&brokers_b, "pair"), b_guard).unwrap();
+        let mut done = done_rx.clone();
+        let stop = async move {
+            let _ = done.wait_for(|d| *d).await;
+        };
+        let r = b.run(slow(seen_b), stop).await;
+        rb.fetch_add(
+            b.stats()
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        (
+            r,
+            b.stats()
+                .rebalances
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
+    let seen_a = Arc::clone(&seen);
+    let stop_a = {
+        let seen = Arc::clone(&seen);
+        let done_tx = done_tx.clone();
+        async move {
+            // Until every distinct id was handled by one of the two.
+            for _ in 0..3000 {
+                if seen.lock().unwrap().len() == 300 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = done_tx.send(true);
+        }
+    };
+    a.run(slow(seen_a), stop_a).await.unwrap();
+    let rebalances_a = a
+        .stats()
+        .rebalances
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (rb_result, rebalances_b) = b_task.await.unwrap();
+    rb_result.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 300, "none skipped");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "none handled twice: {seen:?}"
+    );
+    assert!(
+        rebalances_a >= 2 && rebalances_b >= 1,
+        "a rebalance happened ({rebalances_a}, {rebalances_b})"
+    );
+    let got_b = received.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        got_b > 0 && got_b < total,
+        "both consumed: the second got {got_b} of {total}"
+    );
+}

@@ -25,10 +25,12 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
 use super::ids::IdStrategy;
+use super::producer::EventProducer;
 use crate::guard::{IdempotencyGuard, Outcome};
 use crate::stage::id::InvalidId;
 use crate::Engine;
@@ -41,9 +43,29 @@ pub enum InvalidMessages {
     /// Skip it (counted in [`ConsumerStats::invalid`]); its offset moves on.
     #[default]
     Skip,
+    /// Send it to the dead-letter topic with the reason in a header, wait
+    /// for the broker's confirmation, then move on.
+    DeadLetter,
     /// Stop the loop with [`ConsumeError::Invalid`]; its offset does not move.
     Fail,
 }
+
+/// What to do when the handler still fails after its retries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AfterRetries {
+    /// Stop the loop with [`ConsumeError::Handler`]; the offset does not move.
+    #[default]
+    Stop,
+    /// Send the message to the dead-letter topic and move on (the id stays
+    /// unmarked, so a replayed copy is tried again).
+    DeadLetter,
+}
+
+/// Headers a dead-lettered message carries besides its own.
+pub const DEAD_LETTER_REASON_HEADER: &str = "seen-dead-letter-reason";
+/// Where the dead-lettered message came from: `topic/partition@offset`.
+pub const DEAD_LETTER_ORIGIN_HEADER: &str = "seen-dead-letter-origin";
 
 /// Settings of a [`DedupConsumer`].
 #[derive(Clone, Debug)]
@@ -58,6 +80,11 @@ pub struct DedupConsumerConfig {
     pub ids: IdStrategy,
     /// Messages without a readable id.
     pub on_invalid: InvalidMessages,
+    /// A handler that fails on every attempt.
+    pub after_retries: AfterRetries,
+    /// The dead-letter topic, for [`InvalidMessages::DeadLetter`] and
+    /// [`AfterRetries::DeadLetter`].
+    pub dead_letter_topic: Option<String>,
     /// How often stored offsets are committed (after an engine sync).
     pub commit_interval: Duration,
     /// Attempts after a handler's first failure, with exponential backoff.
@@ -79,6 +106,8 @@ impl DedupConsumerConfig {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             ids: IdStrategy::default(),
             on_invalid: InvalidMessages::default(),
+            after_retries: AfterRetries::default(),
+            dead_letter_topic: None,
             commit_interval: Duration::from_secs(1),
             retries: 3,
             retry_backoff: Duration::from_millis(100),
@@ -125,6 +154,9 @@ pub enum ConsumeError {
     /// The engine refused (a poisoned log, a memory ceiling, …).
     #[error(transparent)]
     Engine(#[from] crate::Error),
+    /// A dead-letter policy without a dead-letter topic.
+    #[error("a dead-letter policy needs DedupConsumerConfig::dead_letter_topic")]
+    NoDeadLetterTopic,
 }
 
 /// Counts of a consumer, read at any time.
@@ -140,8 +172,12 @@ pub struct ConsumerStats {
     pub invalid: AtomicU64,
     /// Handler failures (each attempt).
     pub failed: AtomicU64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
     /// Offset commits.
     pub commits: AtomicU64,
+    /// Commits the group deferred (a rebalance in progress, …), retried later.
+    pub commit_retries: AtomicU64,
     /// Rebalances seen (assign and revoke).
     pub rebalances: AtomicU64,
 }
@@ -179,6 +215,7 @@ impl ConsumerContext for SeenContext {
 /// engine's TTL) and commits offsets only behind durable marks.
 pub struct DedupConsumer {
     consumer: StreamConsumer<SeenContext>,
+    dead_letters: Option<(EventProducer, String)>,
     guard: Arc<IdempotencyGuard>,
     config: DedupConsumerConfig,
     stats: Arc<ConsumerStats>,
@@ -200,6 +237,16 @@ impl DedupConsumer {
         config: DedupConsumerConfig,
         guard: Arc<IdempotencyGuard>,
     ) -> Result<Self, ConsumeError> {
+        let wants_dlq = config.on_invalid == InvalidMessages::DeadLetter
+            || config.after_retries == AfterRetries::DeadLetter;
+        let dead_letters = match (&config.dead_letter_topic, wants_dlq) {
+            (Some(topic), true) => Some((
+                EventProducer::new(&config.brokers, &config.properties)?,
+                topic.clone(),
+            )),
+            (None, true) => return Err(ConsumeError::NoDeadLetterTopic),
+            (_, false) => None,
+        };
         let stats = Arc::new(ConsumerStats::default());
         let mut client = ClientConfig::new();
         client
@@ -221,6 +268,7 @@ impl DedupConsumer {
         consumer.subscribe(&topics)?;
         Ok(DedupConsumer {
             consumer,
+            dead_letters,
             guard,
             config,
             stats,
@@ -277,15 +325,21 @@ impl DedupConsumer {
                 }
             }
             if stored && last_commit.elapsed() >= self.config.commit_interval {
-                if let Err(e) = self.commit() {
-                    break Err(e);
+                match self.commit() {
+                    Ok(committed) => stored = !committed,
+                    Err(e) => break Err(e),
                 }
-                stored = false;
                 last_commit = Instant::now();
             }
         };
-        // Whatever happened, what was handled is made durable and committed.
-        let committed = if stored { self.commit() } else { Ok(()) };
+        // Whatever happened, what was handled is made durable and committed
+        // (a commit the group defers here is redelivered to the next owner,
+        // whose dedup skips what is marked).
+        let committed = if stored {
+            self.commit().map(|_| ())
+        } else {
+            Ok(())
+        };
         result.and(committed)
     }
 
@@ -306,6 +360,7 @@ impl DedupConsumer {
                 tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), %why, "seen: message without a readable id");
                 return match self.config.on_invalid {
                     InvalidMessages::Skip => Ok(()),
+                    InvalidMessages::DeadLetter => self.dead_letter(msg, &why.to_string()).await,
                     InvalidMessages::Fail => Err(ConsumeError::Invalid {
                         topic: msg.topic().to_owned(),
                         partition: msg.partition(),
@@ -331,6 +386,10 @@ impl DedupConsumer {
                 Outcome::Failed(e) => {
                     self.stats.failed.fetch_add(1, Relaxed);
                     if attempt > self.config.retries {
+                        if self.config.after_retries == AfterRetries::DeadLetter {
+                            let why = format!("handler failed {attempt} times: {e}");
+                            return self.dead_letter(msg, &why).await;
+                        }
                         return Err(ConsumeError::Handler {
                             topic: msg.topic().to_owned(),
                             partition: msg.partition(),
@@ -347,17 +406,76 @@ impl DedupConsumer {
         }
     }
 
+    /// Send `msg` (key, payload, headers) to the dead-letter topic with the
+    /// reason and its origin in headers, and wait for the broker.
+    async fn dead_letter(&self, msg: &OwnedMessage, why: &str) -> Result<(), ConsumeError> {
+        let Some((producer, topic)) = &self.dead_letters else {
+            return Err(ConsumeError::NoDeadLetterTopic);
+        };
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = msg.headers() {
+            for header in h.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let origin = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
+        headers = headers
+            .insert(Header {
+                key: DEAD_LETTER_REASON_HEADER,
+                value: Some(why.as_bytes()),
+            })
+            .insert(Header {
+                key: DEAD_LETTER_ORIGIN_HEADER,
+                value: Some(origin.as_bytes()),
+            });
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        if let Some(p) = msg.payload() {
+            record = record.payload(p);
+        }
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        producer
+            .inner()
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| ConsumeError::Kafka(e))?;
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
     /// Marks durable first, then the offsets that they cover.
-    fn commit(&self) -> Result<(), ConsumeError> {
+    /// Returns whether the stored offsets are now committed: a commit the
+    /// group refuses for the moment (a rebalance in progress, a coordinator
+    /// moving) is retried at the next interval; the offsets stay stored,
+    /// and the marks are durable either way.
+    fn commit(&self) -> Result<bool, ConsumeError> {
+        use rdkafka::types::RDKafkaErrorCode as Code;
         self.guard.engine().sync()?;
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
             // Nothing stored since the last commit (e.g. after a revoke).
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(KafkaError::ConsumerCommit(Code::NoOffset)) => {}
+            Err(KafkaError::ConsumerCommit(
+                code @ (Code::RebalanceInProgress
+                | Code::IllegalGeneration
+                | Code::UnknownMemberId
+                | Code::NotCoordinator
+                | Code::CoordinatorLoadInProgress
+                | Code::CoordinatorNotAvailable
+                | Code::RequestTimedOut),
+            )) => {
+                self.stats.commit_retries.fetch_add(1, Relaxed);
+                tracing::debug!(?code, "seen: offset commit deferred");
+                return Ok(false);
+            }
             Err(e) => return Err(e.into()),
         }
         self.stats.commits.fetch_add(1, Relaxed);
-        Ok(())
+        Ok(true)
     }
 }
 

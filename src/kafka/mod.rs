@@ -28,11 +28,17 @@
 
 mod consumer;
 mod ids;
+mod producer;
 
 pub use consumer::{
-    ConsumeError, ConsumerStats, DedupConsumer, DedupConsumerConfig, InvalidMessages,
+    AfterRetries, ConsumeError, ConsumerStats, DedupConsumer, DedupConsumerConfig, InvalidMessages,
+    DEAD_LETTER_ORIGIN_HEADER, DEAD_LETTER_REASON_HEADER,
 };
 pub use ids::{header, IdStrategy, IDEMPOTENCY_KEY_HEADER};
+pub use producer::{
+    Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,
+    CORRELATION_ID_HEADER, EVENT_TYPE_HEADER,
+};
 
 /// Completes on SIGINT or SIGTERM: pass it to [`DedupConsumer::run`] for
 /// a graceful stop (marks made durable, offsets committed, then return).
