@@ -16,13 +16,16 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_else(|| "engine".into());
     let n: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(200_000);
-    let engine = Arc::new(
-        Engine::builder()
-            .capacity(n as usize)
-            .background_sweep(false)
-            .build()
-            .unwrap(),
-    );
+    // A third argument, a state directory, makes the engine durable
+    // (Durability::None): the log's append path is then counted too.
+    let builder = Engine::builder()
+        .capacity(n as usize)
+        .background_sweep(false)
+        .durability(seen::Durability::None);
+    let engine = Arc::new(match args.next() {
+        Some(dir) => builder.open(dir).unwrap(),
+        None => builder.build().unwrap(),
+    });
     let guard = IdempotencyGuard::new(engine.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -494,7 +494,7 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
     let seen: Seen = Arc::default();
     let total = msgs.len() as u64;
     let slow = |seen: Seen| {
-        move |msg: rdkafka::message::OwnedMessage| {
+        move |msg: Arc<rdkafka::message::OwnedMessage>| {
             let seen = Arc::clone(&seen);
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;

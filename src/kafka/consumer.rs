@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -254,7 +254,12 @@ impl DedupConsumer {
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // librdkafka pauses a partition's fetching for this long once
+            // its local queue is full (default 1 s): a handler a little
+            // slower than the network would then starve for a second at a
+            // time. Resume quickly instead.
+            .set("fetch.queue.backoff.ms", "20");
         for (k, v) in &config.properties {
             client.set(k, v);
         }
@@ -290,27 +295,40 @@ impl DedupConsumer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ConsumeError>
     where
-        H: FnMut(OwnedMessage) -> Fut,
+        H: FnMut(Arc<OwnedMessage>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
         tokio::pin!(shutdown);
+        // One timer for the commit interval, not one per message: an idle
+        // stream still commits what it handled.
+        let tick = tokio::time::sleep(self.config.commit_interval);
+        tokio::pin!(tick);
         let mut stored = false;
-        let mut last_commit = Instant::now();
         let result = loop {
             let received = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
-                r = tokio::time::timeout(self.config.commit_interval, self.consumer.recv()) => r,
+                _ = &mut tick => {
+                    tick.as_mut().reset(tokio::time::Instant::now() + self.config.commit_interval);
+                    None
+                }
+                r = self.consumer.recv() => Some(r),
             };
             match received {
-                Err(_idle) => {}
-                Ok(Err(e)) => {
+                // The commit interval passed.
+                None if stored => match self.commit() {
+                    Ok(committed) => stored = !committed,
+                    Err(e) => break Err(e),
+                },
+                None => {}
+                Some(Err(e)) => {
                     // librdkafka retries broker trouble itself; report and go on.
                     tracing::warn!(error = %e, "seen: kafka consumer error");
                 }
-                Ok(Ok(msg)) => {
+                Some(Ok(msg)) => {
                     self.stats.received.fetch_add(1, Relaxed);
-                    let owned = msg.detach();
+                    // One copy, shared with every attempt of the handler.
+                    let owned = Arc::new(msg.detach());
                     drop(msg);
                     if let Err(e) = self.handle(&owned, &mut handler).await {
                         break Err(e);
@@ -323,13 +341,6 @@ impl DedupConsumer {
                     }
                     stored = true;
                 }
-            }
-            if stored && last_commit.elapsed() >= self.config.commit_interval {
-                match self.commit() {
-                    Ok(committed) => stored = !committed,
-                    Err(e) => break Err(e),
-                }
-                last_commit = Instant::now();
             }
         };
         // Whatever happened, what was handled is made durable and committed
@@ -345,15 +356,15 @@ impl DedupConsumer {
 
     async fn handle<H, Fut, E>(
         &self,
-        msg: &OwnedMessage,
+        msg: &Arc<OwnedMessage>,
         handler: &mut H,
     ) -> Result<(), ConsumeError>
     where
-        H: FnMut(OwnedMessage) -> Fut,
+        H: FnMut(Arc<OwnedMessage>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let id = match self.config.ids.id_of(msg) {
+        let id = match self.config.ids.id_of(&**msg) {
             Ok(id) => id,
             Err(why) => {
                 self.stats.invalid.fetch_add(1, Relaxed);
@@ -374,7 +385,11 @@ impl DedupConsumer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.guard.process_if_new(&id, handler(msg.clone())).await? {
+            match self
+                .guard
+                .process_if_new(&id, handler(Arc::clone(msg)))
+                .await?
+            {
                 Outcome::Success(()) => {
                     self.stats.handled.fetch_add(1, Relaxed);
                     return Ok(());
