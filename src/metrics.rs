@@ -164,3 +164,127 @@ impl Collector for EngineCollector {
         Ok(())
     }
 }
+
+/// Register a Kafka consumer's metrics in `registry`: totals
+/// (`seen_kafka_received_total`, `_handled_total`, `_duplicates_total`,
+/// `_invalid_total`, `_failed_total`, `_dead_lettered_total`,
+/// `_commits_total`, `_commit_retries_total`, `_rebalances_total`), the
+/// same counts per `topic`/`partition` (`seen_kafka_partition_*_total`),
+/// consumer lag per partition (`seen_kafka_consumer_lag`, from librdkafka's
+/// statistics every 5 s), and `seen_kafka_commit_seconds` (sync + commit).
+#[cfg(feature = "kafka")]
+pub fn register_kafka(registry: &mut Registry, consumer: &Arc<crate::kafka::DedupConsumer>) {
+    registry.register_collector(Box::new(KafkaCollector(Arc::clone(consumer))));
+}
+
+#[cfg(feature = "kafka")]
+#[derive(Debug)]
+struct KafkaCollector(Arc<crate::kafka::DedupConsumer>);
+
+#[cfg(feature = "kafka")]
+impl Collector for KafkaCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.0.stats();
+        for (name, help, value) in [
+            ("seen_kafka_received", "Messages received", &s.received),
+            (
+                "seen_kafka_handled",
+                "Messages whose handler succeeded",
+                &s.handled,
+            ),
+            ("seen_kafka_duplicates", "Duplicates skipped", &s.duplicates),
+            (
+                "seen_kafka_invalid",
+                "Messages without a readable id",
+                &s.invalid,
+            ),
+            (
+                "seen_kafka_failed",
+                "Handler attempts that failed",
+                &s.failed,
+            ),
+            (
+                "seen_kafka_dead_lettered",
+                "Messages sent to the dead-letter topic",
+                &s.dead_lettered,
+            ),
+            (
+                "seen_kafka_commits",
+                "Offset commits (each after an engine sync)",
+                &s.commits,
+            ),
+            (
+                "seen_kafka_commit_retries",
+                "Commits the group deferred",
+                &s.commit_retries,
+            ),
+            (
+                "seen_kafka_rebalances",
+                "Rebalance events (assign and revoke)",
+                &s.rebalances,
+            ),
+        ] {
+            let c = ConstCounter::new(value.load(Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let parts = self.0.partition_stats();
+        let labels: Vec<[(&str, String); 2]> = parts
+            .iter()
+            .map(|(t, p, _)| [("topic", t.clone()), ("partition", p.to_string())])
+            .collect();
+        type Pick = fn(&crate::kafka::PartitionStats) -> u64;
+        let per: [(&str, &str, Pick); 5] = [
+            (
+                "seen_kafka_partition_handled",
+                "Handled, per partition",
+                |p| p.handled,
+            ),
+            (
+                "seen_kafka_partition_duplicates",
+                "Duplicates, per partition",
+                |p| p.duplicates,
+            ),
+            (
+                "seen_kafka_partition_failed",
+                "Failed handler attempts, per partition",
+                |p| p.failed,
+            ),
+            (
+                "seen_kafka_partition_invalid",
+                "Invalid ids, per partition",
+                |p| p.invalid,
+            ),
+            (
+                "seen_kafka_partition_dead_lettered",
+                "Dead-lettered, per partition",
+                |p| p.dead_lettered,
+            ),
+        ];
+        for (name, help, pick) in per {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((_, _, stats), label) in parts.iter().zip(&labels) {
+                ConstCounter::new(pick(stats)).encode(family.encode_family(label)?)?;
+            }
+        }
+        let mut lag = encoder.encode_descriptor(
+            "seen_kafka_consumer_lag",
+            "Messages behind the end of the partition (librdkafka statistics)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((_, _, stats), label) in parts.iter().zip(&labels) {
+            if stats.lag >= 0 {
+                ConstGauge::new(stats.lag).encode(lag.encode_family(label)?)?;
+            }
+        }
+        let m = ConstHistogram(self.0.commit_seconds().snapshot());
+        m.encode(encoder.encode_descriptor(
+            "seen_kafka_commit_seconds",
+            "Duration of an offset commit, engine sync included",
+            None,
+            m.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

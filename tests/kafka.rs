@@ -575,3 +575,67 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
         "both consumed: the second got {got_b} of {total}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_per_partition_and_report_lag() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let msgs: Vec<(Option<String>, String)> = (0..12)
+        .map(|i| (Some(format!("m-{}", i % 9)), format!("m-{i}")))
+        .collect();
+    let refs: Vec<(Option<&str>, &str)> = msgs
+        .iter()
+        .map(|(a, b)| (a.as_deref(), b.as_str()))
+        .collect();
+    produce(&brokers, &refs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&brokers, "metrics");
+    c.properties
+        .push(("statistics.interval.ms".into(), "100".into()));
+    let consumer = Arc::new(DedupConsumer::new(c, engine(dir.path())).unwrap());
+    let mut registry = prometheus_client::registry::Registry::default();
+    seen::metrics::register_kafka(&mut registry, &consumer);
+    let stats = consumer.stats();
+    let stop = async {
+        while stats.received.load(std::sync::atomic::Ordering::Relaxed) < 12 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Keep polling a little: statistics arrive through the poll loop.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    };
+    consumer
+        .run(|_| async { Ok::<_, std::io::Error>(()) }, stop)
+        .await
+        .unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line_start} not in\n{text}"))
+    };
+    assert_eq!(value("seen_kafka_received_total "), 12.0);
+    assert_eq!(value("seen_kafka_handled_total "), 9.0);
+    assert_eq!(value("seen_kafka_duplicates_total "), 3.0);
+    let per_partition: f64 = (0..2)
+        .map(|p| {
+            value(&format!(
+                "seen_kafka_partition_handled_total{{topic=\"events\",partition=\"{p}\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(per_partition, 9.0);
+    assert!(value("seen_kafka_commit_seconds_count ") >= 1.0, "{text}");
+    for p in 0..2 {
+        assert_eq!(
+            value(&format!(
+                "seen_kafka_consumer_lag{{topic=\"events\",partition=\"{p}\"}}"
+            )),
+            0.0,
+            "{text}"
+        );
+    }
+}

@@ -30,9 +30,11 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
 use super::ids::IdStrategy;
+use super::partitions::{Event, PartitionStats, Partitions};
 use super::producer::EventProducer;
 use crate::guard::{IdempotencyGuard, Outcome};
 use crate::stage::id::InvalidId;
+use crate::stats::Histogram;
 use crate::Engine;
 
 /// What to do with a message whose id cannot be read. (To try another
@@ -187,9 +189,21 @@ pub struct ConsumerStats {
 struct SeenContext {
     engine: Arc<Engine>,
     stats: Arc<ConsumerStats>,
+    partitions: Arc<Partitions>,
 }
 
-impl ClientContext for SeenContext {}
+impl ClientContext for SeenContext {
+    /// librdkafka's periodic statistics: keep each partition's lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    self.partitions.set_lag(topic, partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SeenContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -219,6 +233,8 @@ pub struct DedupConsumer {
     guard: Arc<IdempotencyGuard>,
     config: DedupConsumerConfig,
     stats: Arc<ConsumerStats>,
+    partitions: Arc<Partitions>,
+    commit_seconds: Histogram,
 }
 
 impl std::fmt::Debug for DedupConsumer {
@@ -259,13 +275,17 @@ impl DedupConsumer {
             // its local queue is full (default 1 s): a handler a little
             // slower than the network would then starve for a second at a
             // time. Resume quickly instead.
-            .set("fetch.queue.backoff.ms", "20");
+            .set("fetch.queue.backoff.ms", "20")
+            // Lag per partition for the metrics (a small JSON report).
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &config.properties {
             client.set(k, v);
         }
+        let partitions = Arc::new(Partitions::default());
         let consumer: StreamConsumer<SeenContext> = client.create_with_context(SeenContext {
             engine: Arc::clone(guard.engine()),
             stats: Arc::clone(&stats),
+            partitions: Arc::clone(&partitions),
         })?;
         // A bounded wait for the brokers, instead of a silent retry loop.
         consumer.fetch_metadata(None, config.connect_timeout)?;
@@ -277,7 +297,20 @@ impl DedupConsumer {
             guard,
             config,
             stats,
+            partitions,
+            // 100 µs .. ~50 s
+            commit_seconds: Histogram::exponential(1e-4, 2.0, 20),
         })
+    }
+
+    /// Counts and lag of every partition this consumer has handled.
+    pub fn partition_stats(&self) -> Vec<(String, i32, PartitionStats)> {
+        self.partitions.snapshot()
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn commit_seconds(&self) -> &Histogram {
+        &self.commit_seconds
     }
 
     /// The consumer's counts.
@@ -368,6 +401,7 @@ impl DedupConsumer {
             Ok(id) => id,
             Err(why) => {
                 self.stats.invalid.fetch_add(1, Relaxed);
+                self.count(msg, Event::Invalid);
                 tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), %why, "seen: message without a readable id");
                 return match self.config.on_invalid {
                     InvalidMessages::Skip => Ok(()),
@@ -392,14 +426,17 @@ impl DedupConsumer {
             {
                 Outcome::Success(()) => {
                     self.stats.handled.fetch_add(1, Relaxed);
+                    self.count(msg, Event::Handled);
                     return Ok(());
                 }
                 Outcome::AlreadyProcessed | Outcome::InFlight => {
                     self.stats.duplicates.fetch_add(1, Relaxed);
+                    self.count(msg, Event::Duplicate);
                     return Ok(());
                 }
                 Outcome::Failed(e) => {
                     self.stats.failed.fetch_add(1, Relaxed);
+                    self.count(msg, Event::Failed);
                     if attempt > self.config.retries {
                         if self.config.after_retries == AfterRetries::DeadLetter {
                             let why = format!("handler failed {attempt} times: {e}");
@@ -459,7 +496,12 @@ impl DedupConsumer {
             .await
             .map_err(|(e, _)| ConsumeError::Kafka(e))?;
         self.stats.dead_lettered.fetch_add(1, Relaxed);
+        self.count(msg, Event::DeadLettered);
         Ok(())
+    }
+
+    fn count(&self, msg: &OwnedMessage, event: Event) {
+        self.partitions.count(msg.topic(), msg.partition(), event);
     }
 
     /// Marks durable first, then the offsets that they cover.
@@ -469,6 +511,7 @@ impl DedupConsumer {
     /// and the marks are durable either way.
     fn commit(&self) -> Result<bool, ConsumeError> {
         use rdkafka::types::RDKafkaErrorCode as Code;
+        let started = std::time::Instant::now();
         self.guard.engine().sync()?;
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
@@ -490,6 +533,7 @@ impl DedupConsumer {
             Err(e) => return Err(e.into()),
         }
         self.stats.commits.fetch_add(1, Relaxed);
+        self.commit_seconds.observe(started.elapsed());
         Ok(true)
     }
 }

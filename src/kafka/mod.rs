@@ -28,6 +28,7 @@
 
 mod consumer;
 mod ids;
+mod partitions;
 mod producer;
 
 pub use consumer::{
@@ -35,6 +36,7 @@ pub use consumer::{
     DEAD_LETTER_ORIGIN_HEADER, DEAD_LETTER_REASON_HEADER,
 };
 pub use ids::{header, IdStrategy, IDEMPOTENCY_KEY_HEADER};
+pub use partitions::PartitionStats;
 pub use producer::{
     Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,
     CORRELATION_ID_HEADER, EVENT_TYPE_HEADER,
