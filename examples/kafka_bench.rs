@@ -244,11 +244,11 @@ async fn dedup_loop(
     let stats = consumer.stats();
     let timing = async {
         // Time from the first message to the last, like the plain loop.
-        while stats.received.load(Relaxed) == 0 {
+        while stats.done.load(Relaxed) == 0 {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         let started = Instant::now();
-        while stats.received.load(Relaxed) < n {
+        while stats.done.load(Relaxed) < n {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         started.elapsed()

@@ -330,7 +330,7 @@ fn child() {
             let (mut last, mut since) = (0, Instant::now());
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let now = stats.received.load(std::sync::atomic::Ordering::Relaxed);
+                let now = stats.done.load(std::sync::atomic::Ordering::Relaxed);
                 if now != last {
                     (last, since) = (now, Instant::now());
                 } else if since.elapsed() > Duration::from_secs(4)

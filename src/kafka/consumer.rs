@@ -11,15 +11,21 @@
 //! automatic offset store are off. A crash before a commit redelivers the
 //! messages after the last commit; those whose marks reached the disk are
 //! skipped, the others are handled again (at-least-once, never lost).
-//! Messages are handled one at a time, in order, so backpressure is
-//! natural: nothing is fetched faster than the handler runs (librdkafka's
-//! own prefetch queue is bounded by `queued.max.messages.kbytes`).
+//!
+//! Partitions are handled concurrently on the caller's task, each strictly
+//! in order (one handler running per partition). Messages received but not
+//! yet handled are bounded by `max_in_flight`: at that many, the loop stops
+//! fetching until handlers catch up. A topic that does not exist, or that
+//! the group may not read, stops the loop with an error instead of being
+//! retried forever.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -89,6 +95,9 @@ pub struct DedupConsumerConfig {
     pub dead_letter_topic: Option<String>,
     /// How often stored offsets are committed (after an engine sync).
     pub commit_interval: Duration,
+    /// Messages received but not yet handled, across partitions; fetching
+    /// pauses at this many (backpressure).
+    pub max_in_flight: usize,
     /// Attempts after a handler's first failure, with exponential backoff.
     pub retries: u32,
     /// Backoff before the first retry (doubled each time, with jitter).
@@ -111,6 +120,7 @@ impl DedupConsumerConfig {
             after_retries: AfterRetries::default(),
             dead_letter_topic: None,
             commit_interval: Duration::from_secs(1),
+            max_in_flight: 1024,
             retries: 3,
             retry_backoff: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(10),
@@ -166,6 +176,9 @@ pub enum ConsumeError {
 pub struct ConsumerStats {
     /// Messages received.
     pub received: AtomicU64,
+    /// Messages finished: handled, skipped as duplicates or invalid, or
+    /// dead-lettered, with their offsets stored for the next commit.
+    pub done: AtomicU64,
     /// Messages whose handler ran and succeeded.
     pub handled: AtomicU64,
     /// Duplicates: the handler was skipped, the offset moved on.
@@ -190,6 +203,7 @@ struct SeenContext {
     engine: Arc<Engine>,
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
+    revoked: Arc<AtomicBool>,
 }
 
 impl ClientContext for SeenContext {
@@ -209,8 +223,10 @@ impl ConsumerContext for SeenContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.stats.rebalances.fetch_add(1, Relaxed);
         if let Rebalance::Revoke(_) = rebalance {
-            // The loop handles messages between polls, so everything
-            // handled so far has its offset stored: sync, then commit.
+            self.revoked.store(true, Relaxed);
+            // Everything handled so far has its offset stored: sync, then
+            // commit. (Handlers still running finish after this; their
+            // partitions' next owner reads those messages again.)
             match self.engine.sync() {
                 Ok(()) => {
                     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -235,6 +251,7 @@ pub struct DedupConsumer {
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
     commit_seconds: Histogram,
+    revoked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DedupConsumer {
@@ -282,10 +299,12 @@ impl DedupConsumer {
             client.set(k, v);
         }
         let partitions = Arc::new(Partitions::default());
+        let revoked = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<SeenContext> = client.create_with_context(SeenContext {
             engine: Arc::clone(guard.engine()),
             stats: Arc::clone(&stats),
             partitions: Arc::clone(&partitions),
+            revoked: Arc::clone(&revoked),
         })?;
         // A bounded wait for the brokers, instead of a silent retry loop.
         consumer.fetch_metadata(None, config.connect_timeout)?;
@@ -300,6 +319,7 @@ impl DedupConsumer {
             partitions,
             // 100 µs .. ~50 s
             commit_seconds: Histogram::exponential(1e-4, 2.0, 20),
+            revoked,
         })
     }
 
@@ -319,16 +339,17 @@ impl DedupConsumer {
     }
 
     /// Consume until `shutdown` completes or something fails. `handler`
-    /// gets each new message (a copy it owns); duplicates skip it. On
-    /// shutdown and on error the marks are made durable and the offsets of
-    /// everything handled are committed before returning.
+    /// gets each new message (shared with its retries); duplicates skip it.
+    /// On shutdown the handlers already running finish, messages still
+    /// waiting are left for the next run, and the marks are made durable
+    /// and the offsets of everything handled committed before returning.
     pub async fn run<H, Fut, E>(
         &self,
-        mut handler: H,
+        handler: H,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ConsumeError>
     where
-        H: FnMut(Arc<OwnedMessage>) -> Fut,
+        H: Fn(Arc<OwnedMessage>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
@@ -338,47 +359,121 @@ impl DedupConsumer {
         let tick = tokio::time::sleep(self.config.commit_interval);
         tokio::pin!(tick);
         let mut stored = false;
+        // Partitions run concurrently, each strictly in order: at most one
+        // message of a partition is being handled; the rest wait in its
+        // queue. `in_flight` counts both, and bounds what is fetched.
+        let mut queues: HashMap<PartitionKey, VecDeque<Arc<OwnedMessage>>> = HashMap::new();
+        let mut running = FuturesUnordered::new();
+        let mut in_flight = 0usize;
+        let handler = &handler;
+        let start = |msg: Arc<OwnedMessage>| {
+            Box::pin(async move {
+                let r = self.handle(&msg, handler).await;
+                (msg, r)
+            })
+        };
         let result = loop {
-            let received = tokio::select! {
+            let event = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 _ = &mut tick => {
                     tick.as_mut().reset(tokio::time::Instant::now() + self.config.commit_interval);
-                    None
+                    Step::Tick
                 }
-                r = self.consumer.recv() => Some(r),
+                r = self.consumer.recv(), if in_flight < self.config.max_in_flight => Step::Received(r),
+                Some((msg, r)) = running.next(), if !running.is_empty() => Step::Done(msg, r),
             };
-            match received {
-                // The commit interval passed.
-                None if stored => match self.commit() {
+            match event {
+                Step::Tick if stored => match self.commit() {
                     Ok(committed) => stored = !committed,
                     Err(e) => break Err(e),
                 },
-                None => {}
-                Some(Err(e)) => {
+                Step::Tick => {}
+                Step::Received(Err(e)) => {
+                    if let Some(fatal) = fatal(&e) {
+                        break Err(fatal);
+                    }
                     // librdkafka retries broker trouble itself; report and go on.
                     tracing::warn!(error = %e, "seen: kafka consumer error");
                 }
-                Some(Ok(msg)) => {
+                Step::Received(Ok(msg)) => {
                     self.stats.received.fetch_add(1, Relaxed);
                     // One copy, shared with every attempt of the handler.
                     let owned = Arc::new(msg.detach());
                     drop(msg);
-                    if let Err(e) = self.handle(&owned, &mut handler).await {
+                    in_flight += 1;
+                    let key = self.key(&owned);
+                    match queues.get_mut(&key) {
+                        // Its partition is busy: wait behind it.
+                        Some(q) => q.push_back(owned),
+                        None => {
+                            queues.insert(key, VecDeque::new());
+                            running.push(start(owned));
+                        }
+                    }
+                }
+                Step::Done(msg, r) => {
+                    in_flight -= 1;
+                    if let Err(e) = r {
                         break Err(e);
                     }
-                    if let Err(e) =
-                        self.consumer
-                            .store_offset(owned.topic(), owned.partition(), owned.offset())
-                    {
-                        break Err(e.into());
+                    match self.store(&msg) {
+                        Ok(()) => stored = true,
+                        Err(e) => break Err(e),
                     }
-                    stored = true;
+                    self.stats.done.fetch_add(1, Relaxed);
+                    let key = self.key(&msg);
+                    match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+                        Some(next) => running.push(start(next)),
+                        None => {
+                            queues.remove(&key);
+                        }
+                    }
+                }
+            }
+            // Partitions revoked since the last step: drop what waits for
+            // them (the next owner reads it again from the committed offset).
+            if self.revoked.swap(false, Relaxed) {
+                let assigned: Vec<(String, i32)> = match self.consumer.assignment() {
+                    Ok(tpl) => {
+                        let v = tpl
+                            .elements()
+                            .iter()
+                            .map(|e| (e.topic().to_owned(), e.partition()))
+                            .collect();
+                        drop(tpl);
+                        v
+                    }
+                    Err(_) => Vec::new(),
+                };
+                for q in queues.values_mut() {
+                    let before = q.len();
+                    q.retain(|m| {
+                        assigned
+                            .iter()
+                            .any(|(t, p)| t == m.topic() && *p == m.partition())
+                    });
+                    in_flight -= before - q.len();
                 }
             }
         };
-        // Whatever happened, what was handled is made durable and committed
-        // (a commit the group defers here is redelivered to the next owner,
-        // whose dedup skips what is marked).
+        // Stop: finish the handlers already running (start nothing new),
+        // then make what was handled durable and commit it (a commit the
+        // group defers here is redelivered to the next owner, whose dedup
+        // skips what is marked).
+        let mut result = result;
+        while let Some((msg, r)) = running.next().await {
+            match r.and_then(|()| self.store(&msg)) {
+                Ok(()) => {
+                    stored = true;
+                    self.stats.done.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
         let committed = if stored {
             self.commit().map(|_| ())
         } else {
@@ -387,13 +482,47 @@ impl DedupConsumer {
         result.and(committed)
     }
 
+    /// A message's partition, without allocating: the topic by its place
+    /// in the subscription.
+    fn key(&self, msg: &OwnedMessage) -> PartitionKey {
+        let topic = self
+            .config
+            .topics
+            .iter()
+            .position(|t| t == msg.topic())
+            .unwrap_or(usize::MAX);
+        (topic, msg.partition())
+    }
+
+    /// Store a handled message's offset for the next commit. A partition
+    /// revoked meanwhile refuses it: its next owner reads the message again
+    /// (and skips it if the mark is shared or already durable).
+    fn store(&self, msg: &OwnedMessage) -> Result<(), ConsumeError> {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match self
+            .consumer
+            .store_offset(msg.topic(), msg.partition(), msg.offset())
+        {
+            Ok(()) => Ok(()),
+            Err(KafkaError::StoreOffset(Code::State | Code::UnknownPartition)) => {
+                tracing::debug!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    "seen: partition revoked while its message was handled"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn handle<H, Fut, E>(
         &self,
         msg: &Arc<OwnedMessage>,
-        handler: &mut H,
+        handler: &H,
     ) -> Result<(), ConsumeError>
     where
-        H: FnMut(Arc<OwnedMessage>) -> Fut,
+        H: Fn(Arc<OwnedMessage>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
@@ -535,6 +664,31 @@ impl DedupConsumer {
         self.stats.commits.fetch_add(1, Relaxed);
         self.commit_seconds.observe(started.elapsed());
         Ok(true)
+    }
+}
+
+/// A partition of the subscription: (topic's index, partition).
+type PartitionKey = (usize, i32);
+
+/// What woke the loop.
+enum Step<'a, R> {
+    Tick,
+    Received(Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>),
+    Done(Arc<OwnedMessage>, R),
+}
+
+/// Errors from `recv` that no retry will mend: the loop stops with them
+/// instead of logging them forever.
+fn fatal(e: &KafkaError) -> Option<ConsumeError> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match e {
+        KafkaError::MessageConsumption(
+            code @ (Code::UnknownTopicOrPartition
+            | Code::UnknownTopic
+            | Code::TopicAuthorizationFailed
+            | Code::GroupAuthorizationFailed),
+        ) => Some(ConsumeError::Kafka(KafkaError::MessageConsumption(*code))),
+        _ => None,
     }
 }
 
