@@ -475,11 +475,32 @@ impl DedupConsumer {
             }
         }
         let committed = if stored {
-            self.commit().map(|_| ())
+            self.final_commit().await
         } else {
             Ok(())
         };
         result.and(committed)
+    }
+
+    /// The last commit, retried while the group defers it (a rebalance, a
+    /// broker coming back), for up to `connect_timeout`. If it still does
+    /// not go through, the marks are durable anyway: the next owner of
+    /// those partitions reads the messages again and skips them.
+    async fn final_commit(&self) -> Result<(), ConsumeError> {
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        loop {
+            if self.commit()? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "seen: last offset commit deferred past the deadline; marks are durable"
+                );
+                return Ok(());
+            }
+            // Let the client serve the rebalance or reconnection it waits for.
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.consumer.recv()).await;
+        }
     }
 
     /// A message's partition, without allocating: the topic by its place
@@ -526,23 +547,14 @@ impl DedupConsumer {
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
+        // An id the engine would refuse (empty, over `max_id_len`) is an
+        // invalid message too, decided before any handler runs.
         let id = match self.config.ids.id_of(&**msg) {
-            Ok(id) => id,
-            Err(why) => {
-                self.stats.invalid.fetch_add(1, Relaxed);
-                self.count(msg, Event::Invalid);
-                tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), %why, "seen: message without a readable id");
-                return match self.config.on_invalid {
-                    InvalidMessages::Skip => Ok(()),
-                    InvalidMessages::DeadLetter => self.dead_letter(msg, &why.to_string()).await,
-                    InvalidMessages::Fail => Err(ConsumeError::Invalid {
-                        topic: msg.topic().to_owned(),
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                        why,
-                    }),
-                };
-            }
+            Ok(id) => match self.guard.engine().fingerprint(&id) {
+                Ok(_) => id,
+                Err(e) => return self.invalid(msg, InvalidId::Refused(e.to_string())).await,
+            },
+            Err(why) => return self.invalid(msg, why).await,
         };
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
@@ -584,6 +596,29 @@ impl DedupConsumer {
                     backoff = backoff.saturating_mul(2);
                 }
             }
+        }
+    }
+
+    /// A message without a usable id, per the configured policy.
+    async fn invalid(&self, msg: &OwnedMessage, why: InvalidId) -> Result<(), ConsumeError> {
+        self.stats.invalid.fetch_add(1, Relaxed);
+        self.count(msg, Event::Invalid);
+        tracing::warn!(
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            %why,
+            "seen: message without a usable id"
+        );
+        match self.config.on_invalid {
+            InvalidMessages::Skip => Ok(()),
+            InvalidMessages::DeadLetter => self.dead_letter(msg, &why.to_string()).await,
+            InvalidMessages::Fail => Err(ConsumeError::Invalid {
+                topic: msg.topic().to_owned(),
+                partition: msg.partition(),
+                offset: msg.offset(),
+                why,
+            }),
         }
     }
 
@@ -636,8 +671,9 @@ impl DedupConsumer {
     /// Marks durable first, then the offsets that they cover.
     /// Returns whether the stored offsets are now committed: a commit the
     /// group refuses for the moment (a rebalance in progress, a coordinator
-    /// moving) is retried at the next interval; the offsets stay stored,
-    /// and the marks are durable either way.
+    /// moving, brokers down or unreachable) is retried at the next
+    /// interval; the offsets stay stored, and the marks are durable either
+    /// way.
     fn commit(&self) -> Result<bool, ConsumeError> {
         use rdkafka::types::RDKafkaErrorCode as Code;
         let started = std::time::Instant::now();
@@ -646,17 +682,18 @@ impl DedupConsumer {
             Ok(()) => {}
             // Nothing stored since the last commit (e.g. after a revoke).
             Err(KafkaError::ConsumerCommit(Code::NoOffset)) => {}
+            // Not allowed to commit at all: no retry mends that.
             Err(KafkaError::ConsumerCommit(
-                code @ (Code::RebalanceInProgress
-                | Code::IllegalGeneration
-                | Code::UnknownMemberId
-                | Code::NotCoordinator
-                | Code::CoordinatorLoadInProgress
-                | Code::CoordinatorNotAvailable
-                | Code::RequestTimedOut),
-            )) => {
+                code @ (Code::GroupAuthorizationFailed | Code::TopicAuthorizationFailed),
+            )) => return Err(KafkaError::ConsumerCommit(code).into()),
+            // Everything else (a rebalance in progress, a coordinator
+            // moving, brokers down, an assignment lost to a session
+            // timeout) only delays the commit: retry at the next interval.
+            // Correctness does not depend on it: what is not committed is
+            // redelivered, and the marks make the redelivery a duplicate.
+            Err(KafkaError::ConsumerCommit(code)) => {
                 self.stats.commit_retries.fetch_add(1, Relaxed);
-                tracing::debug!(?code, "seen: offset commit deferred");
+                tracing::warn!(?code, "seen: offset commit deferred; retrying");
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
