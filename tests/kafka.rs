@@ -15,6 +15,8 @@ use seen::guard::IdempotencyGuard;
 use seen::kafka::{ConsumeError, DedupConsumer, DedupConsumerConfig, InvalidMessages};
 use seen::{Durability, Engine};
 
+mod common;
+
 const TOPIC: &str = "events";
 
 async fn produce(brokers: &str, messages: &[(Option<&str>, &str)]) {
@@ -49,28 +51,8 @@ fn config(brokers: &str, group: &str) -> DedupConsumerConfig {
     c
 }
 
-/// Committed offsets of `group` on both partitions, as plain numbers (a
-/// TopicPartitionList still alive when its consumer drops hangs the drop).
 fn committed(brokers: &str, group: &str) -> Vec<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(TOPIC, 0);
-    tpl.add_partition(TOPIC, 1);
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let offsets = got
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => -1,
-        })
-        .collect();
-    drop(got);
-    offsets
+    common::committed(brokers, group, TOPIC, 2)
 }
 
 type Seen = Arc<Mutex<HashMap<String, u32>>>;

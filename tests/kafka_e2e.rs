@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use seen::guard::IdempotencyGuard;
 use seen::kafka::{DedupConsumer, DedupConsumerConfig};
 use seen::{Durability, Engine};
+
+mod common;
 
 const TOPIC: &str = "e2e";
 const PARTITIONS: i32 = 4;
@@ -239,29 +239,8 @@ fn produce(brokers: &str) -> HashSet<String> {
     })
 }
 
-/// Committed offsets of the group, per partition (-1 if none), converted
-/// at once: a TopicPartitionList alive when its consumer drops hangs.
 fn committed(brokers: &str) -> Vec<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", GROUP)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(TOPIC, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(20)).unwrap();
-    let offsets = got
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => -1,
-        })
-        .collect();
-    drop(got);
-    offsets
+    common::committed(brokers, GROUP, TOPIC, PARTITIONS)
 }
 
 /// The applied lines: (id, partition, offset). A line torn by the kill

@@ -12,6 +12,7 @@ use super::reader::scan_segment;
 pub use super::reader::Damage;
 use super::recovery::{read_header, scan_dir};
 use super::storage::{DirStorage, Storage};
+use super::LoggedMark;
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprinter, Secret};
 
@@ -272,8 +273,8 @@ impl StoredMark {
     }
 }
 
-impl From<super::LoggedMark> for StoredMark {
-    fn from(m: super::LoggedMark) -> Self {
+impl From<LoggedMark> for StoredMark {
+    fn from(m: LoggedMark) -> Self {
         StoredMark {
             expiry_unix_secs: m.expiry_unix_secs,
             metadata: m.metadata,
@@ -290,33 +291,17 @@ pub fn find(dir: &Path, id: &[u8]) -> Result<Option<StoredMark>> {
     let header = read_header(&st)?;
     let fp = Fingerprinter::new(&Secret::from_bytes(header.secret)).fingerprint(id);
     let walk = scan_dir(&st)?;
-    let mut found: Option<StoredMark> = None;
+    let mut found: Option<LoggedMark> = None;
     scan_all(
         &st,
         header.store_id,
         &walk.segments,
         &|_, _| {},
         |bytes, off, r| {
-            if r.fingerprint() != fp.0 {
-                return;
-            }
-            match r {
-                Record::Mark {
-                    expiry_unix_secs, ..
-                } => {
-                    found = Some(StoredMark {
-                        expiry_unix_secs,
-                        metadata: format::metadata_at(bytes, off).map(<[u8]>::to_vec),
-                        forgotten: false,
-                    })
-                }
-                Record::Forget { .. } => {
-                    if let Some(f) = found.as_mut() {
-                        f.forgotten = true;
-                    }
-                }
+            if r.fingerprint() == fp.0 {
+                LoggedMark::fold(&mut found, bytes, off, r);
             }
         },
     )?;
-    Ok(found)
+    Ok(found.map(Into::into))
 }

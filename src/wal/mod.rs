@@ -191,6 +191,30 @@ pub(crate) struct LoggedMark {
     pub forgotten: bool,
 }
 
+impl LoggedMark {
+    /// Fold record `r` of the fingerprint looked for (at `offset` of
+    /// `segment`) into the latest mark found so far, in log order: a mark
+    /// replaces it, a forget cancels it.
+    pub(crate) fn fold(found: &mut Option<LoggedMark>, segment: &[u8], offset: usize, r: Record) {
+        match r {
+            Record::Mark {
+                expiry_unix_secs, ..
+            } => {
+                *found = Some(LoggedMark {
+                    expiry_unix_secs,
+                    metadata: format::metadata_at(segment, offset).map(<[u8]>::to_vec),
+                    forgotten: false,
+                })
+            }
+            Record::Forget { .. } => {
+                if let Some(f) = found.as_mut() {
+                    f.forgotten = true;
+                }
+            }
+        }
+    }
+}
+
 impl Wal {
     /// Open (or create) the log in the state directory `dir`: take its
     /// lock, recover, and feed every live record to `sink`.
@@ -627,24 +651,8 @@ impl Wal {
                 }
             };
             let _ = reader::scan_segment(&bytes, self.store_id, seq, true, |off, r| {
-                if r.fingerprint() != fp.0 {
-                    return;
-                }
-                match r {
-                    Record::Mark {
-                        expiry_unix_secs, ..
-                    } => {
-                        found = Some(LoggedMark {
-                            expiry_unix_secs,
-                            metadata: format::metadata_at(&bytes, off).map(<[u8]>::to_vec),
-                            forgotten: false,
-                        })
-                    }
-                    Record::Forget { .. } => {
-                        if let Some(f) = found.as_mut() {
-                            f.forgotten = true;
-                        }
-                    }
+                if r.fingerprint() == fp.0 {
+                    LoggedMark::fold(&mut found, &bytes, off, r);
                 }
             });
         }
