@@ -804,3 +804,106 @@ async fn oversized_ids_refused_commits_and_a_broker_outage_lose_nothing() {
     assert!(!seen.contains_key("huge"));
     assert_eq!(committed(&brokers, "outage").iter().sum::<i64>(), 21);
 }
+
+/// Partition scope: one store per partition under STATE/<topic>/<p>/,
+/// opened (replayed) on assign and closed on revoke. Two consumers of one
+/// group on one host: the second joins mid-stream, a partition moves to it
+/// with its store, and no id is handled twice within its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_stores_move_with_their_partition() {
+    use seen::kafka::Scope;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    // Message i goes to partition i % 2 (see `produce`); every third id
+    // comes again 40 messages later, on its own partition.
+    let mut msgs: Vec<(Option<String>, String)> = Vec::new();
+    for i in 0..600usize {
+        let n = if i >= 40 && i % 3 == 0 { i - 40 } else { i };
+        msgs.push((Some(format!("s-{n}")), format!("s-{n}")));
+    }
+    let distinct: std::collections::HashSet<&str> = msgs.iter().map(|(_, p)| p.as_str()).collect();
+    let refs: Vec<(Option<&str>, &str)> = msgs
+        .iter()
+        .map(|(a, b)| (a.as_deref(), b.as_str()))
+        .collect();
+    produce(&brokers, &refs).await;
+    let state = tempfile::tempdir().unwrap();
+    let scope = || Scope::Partition {
+        dir: state.path().to_path_buf(),
+        engine: seen::Config::from_vars([("SEEN_DURABILITY", "none")]).unwrap(),
+    };
+    let seen: Seen = Arc::default();
+    let slow = |seen: Seen| {
+        move |msg: Arc<rdkafka::message::OwnedMessage>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let p = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+                *seen.lock().unwrap().entry(p).or_default() += 1;
+                Ok::<_, std::io::Error>(())
+            }
+        }
+    };
+    let a = DedupConsumer::with_scope(config(&brokers, "scoped"), scope()).unwrap();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let b_started = Arc::clone(&seen);
+    let b_seen = Arc::clone(&seen);
+    let b_brokers = brokers.clone();
+    let b_dir = state.path().to_path_buf();
+    let b_task = tokio::spawn(async move {
+        while b_started.lock().unwrap().len() < 40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let scope = Scope::Partition {
+            dir: b_dir,
+            engine: seen::Config::from_vars([("SEEN_DURABILITY", "none")]).unwrap(),
+        };
+        let b = DedupConsumer::with_scope(config(&b_brokers, "scoped"), scope).unwrap();
+        let mut done = done_rx.clone();
+        let r = b
+            .run(slow(b_seen), async move {
+                let _ = done.wait_for(|d| *d).await;
+            })
+            .await;
+        (
+            r,
+            b.stats()
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
+    let stop_a = {
+        let seen = Arc::clone(&seen);
+        let want = distinct.len();
+        async move {
+            for _ in 0..3000 {
+                if seen.lock().unwrap().len() == want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = done_tx.send(true);
+        }
+    };
+    a.run(slow(Arc::clone(&seen)), stop_a).await.unwrap();
+    drop(a);
+    let (b_result, b_received) = b_task.await.unwrap();
+    b_result.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), distinct.len(), "none skipped");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "none handled twice: {seen:?}"
+    );
+    assert!(b_received > 0, "the second consumer took a partition over");
+    for p in 0..2 {
+        assert!(state
+            .path()
+            .join(TOPIC)
+            .join(p.to_string())
+            .join("STORE")
+            .exists());
+    }
+}

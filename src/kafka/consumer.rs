@@ -38,10 +38,10 @@ use rdkafka::ClientContext;
 use super::ids::IdStrategy;
 use super::partitions::{Event, PartitionStats, Partitions};
 use super::producer::EventProducer;
+use super::scope::{Scope, Stores};
 use crate::guard::{IdempotencyGuard, Outcome};
 use crate::stage::id::InvalidId;
 use crate::stats::Histogram;
-use crate::Engine;
 
 /// What to do with a message whose id cannot be read. (To try another
 /// strategy first, use [`IdStrategy::Fallback`].)
@@ -166,6 +166,13 @@ pub enum ConsumeError {
     /// The engine refused (a poisoned log, a memory ceiling, …).
     #[error(transparent)]
     Engine(#[from] crate::Error),
+    /// The message's partition was revoked before it was handled (an
+    /// internal signal: the loop leaves such messages to their next owner).
+    #[error("partition revoked before the message was handled")]
+    Revoked,
+    /// A partition's store could not be opened (partition scope).
+    #[error("partition store: {0}")]
+    Store(String),
     /// A dead-letter policy without a dead-letter topic.
     #[error("a dead-letter policy needs DedupConsumerConfig::dead_letter_topic")]
     NoDeadLetterTopic,
@@ -200,7 +207,7 @@ pub struct ConsumerStats {
 /// Commits what the loop stored when partitions are revoked, after making
 /// the marks durable, so the next owner starts after them.
 struct SeenContext {
-    engine: Arc<Engine>,
+    stores: Arc<Stores>,
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
     revoked: Arc<AtomicBool>,
@@ -222,12 +229,19 @@ impl ClientContext for SeenContext {
 impl ConsumerContext for SeenContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.stats.rebalances.fetch_add(1, Relaxed);
-        if let Rebalance::Revoke(_) = rebalance {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Partition scope: load each new partition's marks before any
+            // of its messages can be handled.
+            for e in tpl.elements() {
+                self.stores.assign(e.topic(), e.partition());
+            }
+        }
+        if let Rebalance::Revoke(tpl) = rebalance {
             self.revoked.store(true, Relaxed);
             // Everything handled so far has its offset stored: sync, then
             // commit. (Handlers still running finish after this; their
             // partitions' next owner reads those messages again.)
-            match self.engine.sync() {
+            match self.stores.sync() {
                 Ok(()) => {
                     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                         tracing::warn!(error = %e, "seen: offset commit on revoke failed");
@@ -236,6 +250,11 @@ impl ConsumerContext for SeenContext {
                 Err(e) => {
                     tracing::error!(error = %e, "seen: marks not durable on revoke; offsets not committed")
                 }
+            }
+            // Partition scope: the revoked partitions' stores close, so
+            // their next owner can open them.
+            for e in tpl.elements() {
+                self.stores.revoke(e.topic(), e.partition());
             }
         }
     }
@@ -246,7 +265,7 @@ impl ConsumerContext for SeenContext {
 pub struct DedupConsumer {
     consumer: StreamConsumer<SeenContext>,
     dead_letters: Option<(EventProducer, String)>,
-    guard: Arc<IdempotencyGuard>,
+    stores: Arc<Stores>,
     config: DedupConsumerConfig,
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
@@ -264,12 +283,19 @@ impl std::fmt::Debug for DedupConsumer {
 }
 
 impl DedupConsumer {
-    /// Connect and subscribe. Fails within `connect_timeout` when the
-    /// brokers cannot be reached.
+    /// Connect and subscribe, in global scope: every mark in `guard`'s
+    /// engine. Fails within `connect_timeout` when the brokers cannot be
+    /// reached.
     pub fn new(
         config: DedupConsumerConfig,
         guard: Arc<IdempotencyGuard>,
     ) -> Result<Self, ConsumeError> {
+        Self::with_scope(config, Scope::Global(guard))
+    }
+
+    /// Connect and subscribe with an explicit [`Scope`].
+    pub fn with_scope(config: DedupConsumerConfig, scope: Scope) -> Result<Self, ConsumeError> {
+        let stores = Arc::new(Stores::new(scope));
         let wants_dlq = config.on_invalid == InvalidMessages::DeadLetter
             || config.after_retries == AfterRetries::DeadLetter;
         let dead_letters = match (&config.dead_letter_topic, wants_dlq) {
@@ -301,7 +327,7 @@ impl DedupConsumer {
         let partitions = Arc::new(Partitions::default());
         let revoked = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<SeenContext> = client.create_with_context(SeenContext {
-            engine: Arc::clone(guard.engine()),
+            stores: Arc::clone(&stores),
             stats: Arc::clone(&stats),
             partitions: Arc::clone(&partitions),
             revoked: Arc::clone(&revoked),
@@ -313,7 +339,7 @@ impl DedupConsumer {
         Ok(DedupConsumer {
             consumer,
             dead_letters,
-            guard,
+            stores,
             config,
             stats,
             partitions,
@@ -413,14 +439,17 @@ impl DedupConsumer {
                 }
                 Step::Done(msg, r) => {
                     in_flight -= 1;
-                    if let Err(e) = r {
-                        break Err(e);
-                    }
-                    match self.store(&msg) {
-                        Ok(()) => stored = true,
+                    match r {
+                        Ok(()) => match self.store(&msg) {
+                            Ok(()) => {
+                                stored = true;
+                                self.stats.done.fetch_add(1, Relaxed);
+                            }
+                            Err(e) => break Err(e),
+                        },
+                        Err(ConsumeError::Revoked) => {}
                         Err(e) => break Err(e),
                     }
-                    self.stats.done.fetch_add(1, Relaxed);
                     let key = self.key(&msg);
                     match queues.get_mut(&key).and_then(VecDeque::pop_front) {
                         Some(next) => running.push(start(next)),
@@ -462,6 +491,9 @@ impl DedupConsumer {
         // skips what is marked).
         let mut result = result;
         while let Some((msg, r)) = running.next().await {
+            if let Err(ConsumeError::Revoked) = r {
+                continue;
+            }
             match r.and_then(|()| self.store(&msg)) {
                 Ok(()) => {
                     stored = true;
@@ -547,10 +579,18 @@ impl DedupConsumer {
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
+        let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
+            return match self.stores.failure() {
+                Some(why) => Err(ConsumeError::Store(why)),
+                // Revoked (partition scope) while this message waited: it
+                // is its next owner's now. Leave it unhandled and unstored.
+                None => Err(ConsumeError::Revoked),
+            };
+        };
         // An id the engine would refuse (empty, over `max_id_len`) is an
         // invalid message too, decided before any handler runs.
         let id = match self.config.ids.id_of(&**msg) {
-            Ok(id) => match self.guard.engine().fingerprint(&id) {
+            Ok(id) => match guard.engine().fingerprint(&id) {
                 Ok(_) => id,
                 Err(e) => return self.invalid(msg, InvalidId::Refused(e.to_string())).await,
             },
@@ -560,11 +600,7 @@ impl DedupConsumer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .guard
-                .process_if_new(&id, handler(Arc::clone(msg)))
-                .await?
-            {
+            match guard.process_if_new(&id, handler(Arc::clone(msg))).await? {
                 Outcome::Success(()) => {
                     self.stats.handled.fetch_add(1, Relaxed);
                     self.count(msg, Event::Handled);
@@ -677,7 +713,7 @@ impl DedupConsumer {
     fn commit(&self) -> Result<bool, ConsumeError> {
         use rdkafka::types::RDKafkaErrorCode as Code;
         let started = std::time::Instant::now();
-        self.guard.engine().sync()?;
+        self.stores.sync()?;
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
             // Nothing stored since the last commit (e.g. after a revoke).

@@ -30,6 +30,7 @@ mod consumer;
 mod ids;
 mod partitions;
 mod producer;
+mod scope;
 
 pub use consumer::{
     AfterRetries, ConsumeError, ConsumerStats, DedupConsumer, DedupConsumerConfig, InvalidMessages,
@@ -41,6 +42,7 @@ pub use producer::{
     Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,
     CORRELATION_ID_HEADER, EVENT_TYPE_HEADER,
 };
+pub use scope::Scope;
 
 /// Completes on SIGINT or SIGTERM: pass it to [`DedupConsumer::run`] for
 /// a graceful stop (marks made durable, offsets committed, then return).
