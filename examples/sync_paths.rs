@@ -171,14 +171,19 @@ fn main() -> io::Result<()> {
         (Prep::Sparse, Write::MmapMsync),
         (Prep::Sparse, Write::PwriteFdatasync),
     ];
-    println!("{SYNCS} syncs of {} KiB each, in {}", CHUNK >> 10, dir.display());
+    println!(
+        "{SYNCS} syncs of {} KiB each, in {}",
+        CHUNK >> 10,
+        dir.display()
+    );
     println!("| file | write, then make durable | round | p50 µs | p99 µs | mean µs |");
     println!("|---|---|---|---|---|---|");
     for round in 1..=2 {
         for &(prep, write) in &candidates {
             match run(&dir, prep, write) {
                 Ok(mut t) => {
-                    let mean = t.iter().map(Duration::as_secs_f64).sum::<f64>() / t.len() as f64 * 1e6;
+                    let mean =
+                        t.iter().map(Duration::as_secs_f64).sum::<f64>() / t.len() as f64 * 1e6;
                     t.sort();
                     println!(
                         "| {prep:?} | {write:?} | {round} | {:.0} | {:.0} | {mean:.0} |",

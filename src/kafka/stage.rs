@@ -1,0 +1,451 @@
+//! A Kafka → Kafka dedup stage over the library's loop (`seen::stage`):
+//! read the input topics, drop redeliveries, produce the first occurrence
+//! of every id to the output topic with the id stamped as its
+//! `idempotency_key` header.
+//!
+//! ```text
+//! per batch:  poll ─► id ─► decide ─► produce
+//!             then:   flush (every delivery confirmed) ─► commit marks (durable)
+//!                     ─► record the output positions now covered by marks
+//!                     ─► commit the input offsets
+//! on start:   read the output from the recorded positions to its end and
+//!             mark every idempotency_key found, then consume
+//! ```
+//!
+//! A kill -9 between "produced" and "marked" leaves ids in the output that
+//! the marks do not know; the read-back on restart marks them before any
+//! input is consumed, so their redelivered inputs are dropped as
+//! duplicates. The output then holds each id once, without broker
+//! transactions, as long as no other writer stamps ids into the output
+//! topic. What a restart costs: reading the output written since the last
+//! recorded position, at most one batch per partition plus what a crash
+//! left unrecorded.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::ids::{IdStrategy, IDEMPOTENCY_KEY_HEADER};
+use crate::stage::{BoxError, Event, IdSpec, InvalidId, Next, OnInvalid, Sink, Source};
+use crate::Engine;
+
+/// Settings of a stage.
+#[derive(Clone, Debug)]
+pub struct StageConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The consumer group of the input.
+    pub group: String,
+    /// Input topics.
+    pub inputs: Vec<String>,
+    /// The output topic.
+    pub output: String,
+    /// Where ids come from.
+    pub ids: IdStrategy,
+    /// Extra librdkafka properties of the consumer (`-X`).
+    pub consumer_properties: Vec<(String, String)>,
+    /// Extra librdkafka properties of the producer (`-P`).
+    pub producer_properties: Vec<(String, String)>,
+    /// Bounded waits for brokers (metadata, watermarks, flush).
+    pub timeout: Duration,
+}
+
+impl StageConfig {
+    /// Defaults for everything but where to read and write.
+    pub fn new(brokers: &str, group: &str, inputs: &[&str], output: &str) -> Self {
+        StageConfig {
+            brokers: brokers.into(),
+            group: group.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            output: output.into(),
+            ids: IdStrategy::default(),
+            consumer_properties: Vec::new(),
+            producer_properties: Vec::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One input message and its id, read once by the source.
+#[derive(Debug)]
+pub struct StageItem {
+    msg: OwnedMessage,
+    id: Result<Vec<u8>, InvalidId>,
+}
+
+impl Event for StageItem {
+    fn id_of(&self, _spec: &IdSpec) -> Result<Cow<'_, [u8]>, InvalidId> {
+        match &self.id {
+            Ok(id) => Ok(Cow::Borrowed(id)),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// Output positions covered by durable marks: partition → next offset.
+type Positions = HashMap<i32, i64>;
+
+/// What the sink saw delivered since the last acknowledgement.
+#[derive(Default)]
+struct Deliveries {
+    /// Highest delivered offset + 1, per output partition.
+    next: Positions,
+    errors: Vec<String>,
+}
+
+/// The file that records output positions covered by durable marks.
+pub fn checkpoint_path(state: &Path) -> PathBuf {
+    state.join("output-positions.json")
+}
+
+fn read_checkpoint(path: &Path) -> Result<Positions, BoxError> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let v: HashMap<String, i64> = serde_json::from_slice(&b)
+                .map_err(|e| format!("{}: not a positions file: {e}", path.display()))?;
+            v.into_iter()
+                .map(|(k, o)| {
+                    Ok((
+                        k.parse::<i32>()
+                            .map_err(|e| format!("{}: {e}", path.display()))?,
+                        o,
+                    ))
+                })
+                .collect()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Positions::new()),
+        Err(e) => Err(format!("{}: {e}", path.display()).into()),
+    }
+}
+
+/// Write the positions atomically and durably (temp file, fsync, rename,
+/// directory fsync): a crash leaves the old file or the new one.
+fn write_checkpoint(path: &Path, positions: &Positions) -> Result<(), BoxError> {
+    use std::io::Write;
+    let map: HashMap<String, i64> = positions.iter().map(|(p, o)| (p.to_string(), *o)).collect();
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(&map)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Read the output from the recorded positions to its end and mark every
+/// `idempotency_key` found (then make the marks durable). Returns how many
+/// messages were read back.
+pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<u64, BoxError> {
+    let recorded = read_checkpoint(&checkpoint_path(state))?;
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("{}-readback", config.group))
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = client.create()?;
+    let meta = consumer.fetch_metadata(Some(&config.output), config.timeout)?;
+    let partitions: Vec<i32> = meta
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    drop(meta);
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(&config.output, p, config.timeout)?;
+        let from = recorded.get(&p).copied().unwrap_or(low).max(low);
+        if from < high {
+            tpl.add_partition_offset(&config.output, p, Offset::Offset(from))?;
+            ends.insert(p, high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&tpl)?;
+    drop(tpl);
+    let deadline = Instant::now() + config.timeout;
+    let mut read = 0;
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("reading back {} timed out", config.output).into());
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => {
+                read += 1;
+                if let Some(id) = super::ids::header(&m, IDEMPOTENCY_KEY_HEADER) {
+                    // Already marked or not: either way it is in the output.
+                    let _ = engine.check_and_insert(id)?;
+                }
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|&end| m.offset() + 1 >= end)
+                {
+                    ends.remove(&m.partition());
+                }
+            }
+        }
+    }
+    engine.sync()?;
+    Ok(read)
+}
+
+/// The input side of the stage.
+pub struct KafkaSource {
+    consumer: BaseConsumer,
+    ids: IdStrategy,
+    item: Option<StageItem>,
+    /// Next offset to commit, per input topic-partition, since the last ack.
+    pending: HashMap<(String, i32), i64>,
+    deliveries: Arc<Mutex<Deliveries>>,
+    covered: Positions,
+    checkpoint: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl KafkaSource {
+    fn new(
+        config: &StageConfig,
+        state: &Path,
+        deliveries: Arc<Mutex<Deliveries>>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, BoxError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in &config.consumer_properties {
+            client.set(k, v);
+        }
+        let consumer: BaseConsumer = client.create()?;
+        consumer.fetch_metadata(None, config.timeout)?;
+        let inputs: Vec<&str> = config.inputs.iter().map(String::as_str).collect();
+        consumer.subscribe(&inputs)?;
+        let checkpoint = checkpoint_path(state);
+        Ok(KafkaSource {
+            consumer,
+            ids: config.ids.clone(),
+            item: None,
+            pending: HashMap::new(),
+            deliveries,
+            covered: read_checkpoint(&checkpoint)?,
+            checkpoint,
+            stop,
+        })
+    }
+}
+
+impl Source for KafkaSource {
+    type Item = StageItem;
+
+    fn next(&mut self, may_block: bool) -> Result<Next<'_, StageItem>, BoxError> {
+        loop {
+            if self.stop.load(Relaxed) {
+                return Ok(Next::End);
+            }
+            let wait = if may_block {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            match self.consumer.poll(wait) {
+                None if may_block => continue,
+                None => return Ok(Next::Idle),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(m)) => {
+                    let msg = m.detach();
+                    drop(m);
+                    let id = self.ids.id_of(&msg).map(Cow::into_owned);
+                    self.pending
+                        .insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
+                    self.item = Some(StageItem { msg, id });
+                    return Ok(self.item.as_ref().map_or(Next::Idle, Next::Item));
+                }
+            }
+        }
+    }
+
+    /// The batch's outputs are delivered and its marks durable: record the
+    /// output positions they cover, then commit the input offsets.
+    fn ack(&mut self) -> Result<(), BoxError> {
+        let delivered = std::mem::take(&mut self.deliveries.lock().next);
+        if !delivered.is_empty() {
+            for (p, o) in delivered {
+                let e = self.covered.entry(p).or_insert(o);
+                *e = (*e).max(o);
+            }
+            write_checkpoint(&self.checkpoint, &self.covered)?;
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in self.pending.drain() {
+            tpl.add_partition_offset(&t, p, Offset::Offset(o))?;
+        }
+        let r = self.consumer.commit(&tpl, CommitMode::Sync);
+        drop(tpl);
+        if let Err(e) = r {
+            // Not fatal: the input is redelivered and dropped as duplicates.
+            tracing::warn!(error = %e, "seen kafka: input offset commit deferred");
+        }
+        Ok(())
+    }
+}
+
+/// Confirms deliveries for the sink.
+struct DeliveryContext(Arc<Mutex<Deliveries>>);
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut d = self.0.lock();
+        match result {
+            Ok(m) => {
+                let e = d.next.entry(m.partition()).or_insert(0);
+                *e = (*e).max(m.offset() + 1);
+            }
+            Err((e, _)) => d.errors.push(e.to_string()),
+        }
+    }
+}
+
+/// The output side of the stage: an idempotent producer.
+pub struct KafkaSink {
+    producer: ThreadedProducer<DeliveryContext>,
+    output: String,
+    deliveries: Arc<Mutex<Deliveries>>,
+    timeout: Duration,
+}
+
+impl KafkaSink {
+    fn new(config: &StageConfig, deliveries: Arc<Mutex<Deliveries>>) -> Result<Self, BoxError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5");
+        for (k, v) in &config.producer_properties {
+            client.set(k, v);
+        }
+        Ok(KafkaSink {
+            producer: client.create_with_context(DeliveryContext(Arc::clone(&deliveries)))?,
+            output: config.output.clone(),
+            deliveries,
+            timeout: config.timeout,
+        })
+    }
+}
+
+impl Sink<StageItem> for KafkaSink {
+    fn emit(&mut self, item: &StageItem, id: Option<&[u8]>) -> Result<(), BoxError> {
+        let m = &item.msg;
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter().filter(|h| h.key != IDEMPOTENCY_KEY_HEADER) {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        if let Some(id) = id {
+            headers = headers.insert(Header {
+                key: IDEMPOTENCY_KEY_HEADER,
+                value: Some(id),
+            });
+        }
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.output).headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(p) = m.payload() {
+            record = record.payload(p);
+        }
+        if let Some(ts) = m.timestamp().to_millis() {
+            record = record.timestamp(ts);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    // Backpressure: let deliveries drain, then retry.
+                    self.producer.poll(Duration::from_millis(10));
+                    record = r;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), BoxError> {
+        self.producer.flush(self.timeout)?;
+        let errors = std::mem::take(&mut self.deliveries.lock().errors);
+        match errors.first() {
+            None => Ok(()),
+            Some(e) => Err(format!("{} deliveries failed, first: {e}", errors.len()).into()),
+        }
+    }
+}
+
+/// The stage's source and sink, sharing what the sink saw delivered.
+pub fn source_and_sink(
+    config: &StageConfig,
+    state: &Path,
+    stop: Arc<AtomicBool>,
+) -> Result<(KafkaSource, KafkaSink), BoxError> {
+    let deliveries = Arc::new(Mutex::new(Deliveries::default()));
+    let sink = KafkaSink::new(config, Arc::clone(&deliveries))?;
+    let source = KafkaSource::new(config, state, deliveries, stop)?;
+    Ok((source, sink))
+}
+
+/// Read back the output, then run the dedup loop until `stop` is set (or
+/// the input fails). `engine` holds the marks (open it in a directory of
+/// its own, e.g. `state/marks`); `state` holds the output positions.
+pub fn run(
+    config: &StageConfig,
+    engine: &Engine,
+    state: &Path,
+    on_invalid: OnInvalid,
+    batch: usize,
+    stop: Arc<AtomicBool>,
+    summary: &mut crate::stage::Summary,
+) -> Result<u64, crate::stage::StageError> {
+    use crate::stage::StageError;
+    let read = read_back(config, engine, state).map_err(StageError::Source)?;
+    let (mut source, mut sink) =
+        source_and_sink(config, state, stop).map_err(StageError::Source)?;
+    let options = crate::stage::StageOptions {
+        id: IdSpec::Whole,
+        batch,
+        on_invalid,
+    };
+    crate::stage::run(engine, &mut source, &mut sink, &options, summary)?;
+    Ok(read)
+}
