@@ -3,6 +3,8 @@
 
 mod bench;
 mod filter;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod store;
 
 use std::process::ExitCode;
@@ -34,6 +36,10 @@ enum Command {
     Verify(store::StoreArgs),
     /// Measure a durable workload on a scratch state directory.
     Bench(bench::BenchArgs),
+    /// Deduplicate a Kafka topic into another: each id once in the output,
+    /// even across kill -9 (feature `kafka`).
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::KafkaArgs),
 }
 
 /// Exit code for bad input under `--on-invalid fail`, and for usage errors.
@@ -46,6 +52,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Inspect(args) => store::inspect(args),
         Command::Verify(args) => store::verify(args),
         Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "kafka")]
+        Command::Kafka(args) => kafka::run(args),
     };
     match result {
         Ok(code) => code,
