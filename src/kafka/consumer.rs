@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -307,13 +306,8 @@ impl DedupConsumer {
             (_, false) => None,
         };
         let stats = Arc::new(ConsumerStats::default());
-        let mut client = ClientConfig::new();
+        let mut client = super::manual_commit_consumer(&config.brokers, &config.group);
         client
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
             // librdkafka pauses a partition's fetching for this long once
             // its local queue is full (default 1 s): a handler a little
             // slower than the network would then starve for a second at a

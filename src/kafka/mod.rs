@@ -45,6 +45,20 @@ pub use producer::{
 };
 pub use scope::Scope;
 
+/// A consumer configuration whose offsets move only when the caller says:
+/// no auto-commit, no automatic offset store, reading from the start of a
+/// partition the group has never committed.
+pub(crate) fn manual_commit_consumer(brokers: &str, group: &str) -> rdkafka::config::ClientConfig {
+    let mut client = rdkafka::config::ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    client
+}
+
 /// Completes on SIGINT or SIGTERM: pass it to [`DedupConsumer::run`] for
 /// a graceful stop (marks made durable, offsets committed, then return).
 /// If the signal handlers cannot be installed it completes at once, so a

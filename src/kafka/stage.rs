@@ -226,13 +226,7 @@ impl KafkaSource {
         deliveries: Arc<Mutex<Deliveries>>,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, BoxError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+        let mut client = super::manual_commit_consumer(&config.brokers, &config.group);
         for (k, v) in &config.consumer_properties {
             client.set(k, v);
         }
