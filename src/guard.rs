@@ -221,6 +221,20 @@ impl IdempotencyGuard {
         F: Future<Output = Result<T, E>>,
     {
         let fp = self.engine.fingerprint(id)?;
+        self.process_fingerprint_if_new(fp, work).await
+    }
+
+    /// [`IdempotencyGuard::process_if_new`] for a fingerprint computed
+    /// earlier with [`Engine::fingerprint`] (which also validates the id),
+    /// so a caller that already checked the id does not hash it twice.
+    pub async fn process_fingerprint_if_new<T, E, F>(
+        &self,
+        fp: Fingerprint,
+        work: F,
+    ) -> Result<Outcome<T, E>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
         let mark = loop {
             match self.try_claim(fp)? {
                 Claim::Ours(mark) => break mark,

@@ -6,11 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use seen::guard::IdempotencyGuard;
 use seen::kafka::{ConsumeError, DedupConsumer, DedupConsumerConfig, InvalidMessages};
 use seen::{Durability, Engine};
@@ -19,7 +17,8 @@ mod common;
 
 const TOPIC: &str = "events";
 
-async fn produce(brokers: &str, messages: &[(Option<&str>, &str)]) {
+/// Send `(idempotency_key header, payload)` pairs, alternating partitions.
+async fn produce<A: AsRef<str>, B: AsRef<str>>(brokers: &str, messages: &[(Option<A>, B)]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("message.timeout.ms", "10000")
@@ -27,12 +26,12 @@ async fn produce(brokers: &str, messages: &[(Option<&str>, &str)]) {
         .unwrap();
     for (i, (id, payload)) in messages.iter().enumerate() {
         let mut record = FutureRecord::<str, str>::to(TOPIC)
-            .payload(payload)
+            .payload(payload.as_ref())
             .partition((i % 2) as i32);
         if let Some(id) = id {
             record = record.headers(OwnedHeaders::new().insert(Header {
                 key: "idempotency_key",
-                value: Some(id.as_bytes()),
+                value: Some(id.as_ref().as_bytes()),
             }));
         }
         producer
@@ -121,11 +120,7 @@ async fn each_id_is_handled_once_and_a_restart_resumes_after_the_commit() {
     for i in 0..10 {
         msgs.push((Some(format!("id-{i}")), format!("id-{i}")));
     }
-    let refs: Vec<(Option<&str>, &str)> = msgs
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &msgs).await;
 
     let dir = tempfile::tempdir().unwrap();
     let seen: Seen = Arc::default();
@@ -263,18 +258,7 @@ fn read_all(
     partitions: i32,
     expect: usize,
 ) -> Vec<rdkafka::message::OwnedMessage> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "reader")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    drop(tpl);
+    let c = common::reader_from_start(brokers, topic, partitions);
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while out.len() < expect && std::time::Instant::now() < deadline {
@@ -478,11 +462,7 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
             msgs.push((Some(format!("r-{}", i / 2)), format!("r-{}", i / 2)));
         }
     }
-    let refs: Vec<(Option<&str>, &str)> = msgs
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &msgs).await;
     let dir = tempfile::tempdir().unwrap();
     let guard = engine(dir.path());
     let seen: Seen = Arc::default();
@@ -578,11 +558,7 @@ async fn metrics_count_per_partition_and_report_lag() {
     let msgs: Vec<(Option<String>, String)> = (0..12)
         .map(|i| (Some(format!("m-{}", i % 9)), format!("m-{i}")))
         .collect();
-    let refs: Vec<(Option<&str>, &str)> = msgs
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &msgs).await;
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&brokers, "metrics");
     c.properties
@@ -645,11 +621,7 @@ async fn partitions_run_concurrently_each_in_order() {
     let msgs: Vec<(Option<String>, String)> = (0..40)
         .map(|i| (Some(format!("c-{i}")), format!("c-{i}")))
         .collect();
-    let refs: Vec<(Option<&str>, &str)> = msgs
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &msgs).await;
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&brokers, "concurrent");
     c.max_in_flight = 8;
@@ -734,11 +706,7 @@ async fn oversized_ids_refused_commits_and_a_broker_outage_lose_nothing() {
         .map(|i| (Some(format!("o-{i}")), format!("o-{i}")))
         .collect();
     first.push((Some(huge.clone()), "huge".into()));
-    let refs: Vec<(Option<&str>, &str)> = first
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &first).await;
     // The coordinator refuses the first commits.
     cluster.request_errors(
         RDKafkaApiKey::OffsetCommit,
@@ -767,11 +735,7 @@ async fn oversized_ids_refused_commits_and_a_broker_outage_lose_nothing() {
         let second: Vec<(Option<String>, String)> = (10..20)
             .map(|i| (Some(format!("o-{i}")), format!("o-{i}")))
             .collect();
-        let refs: Vec<(Option<&str>, &str)> = second
-            .iter()
-            .map(|(a, b)| (a.as_deref(), b.as_str()))
-            .collect();
-        produce(&brokers2, &refs).await;
+        produce(&brokers2, &second).await;
         wait_done(21).await;
     };
     let handler_seen = Arc::clone(&seen);
@@ -823,11 +787,7 @@ async fn partition_stores_move_with_their_partition() {
         msgs.push((Some(format!("s-{n}")), format!("s-{n}")));
     }
     let distinct: std::collections::HashSet<&str> = msgs.iter().map(|(_, p)| p.as_str()).collect();
-    let refs: Vec<(Option<&str>, &str)> = msgs
-        .iter()
-        .map(|(a, b)| (a.as_deref(), b.as_str()))
-        .collect();
-    produce(&brokers, &refs).await;
+    produce(&brokers, &msgs).await;
     let state = tempfile::tempdir().unwrap();
     let scope = || Scope::Partition {
         dir: state.path().to_path_buf(),

@@ -2,6 +2,8 @@
 //! output holds each id once, and the read-back on restart closes the
 //! "produced but not yet marked" window a kill -9 leaves.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -13,7 +15,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use seen::kafka::stage::{self, StageConfig};
 use seen::stage::{OnInvalid, Summary};
 use seen::{Durability, Engine};
@@ -40,18 +41,7 @@ fn produce(brokers: &str, topic: &str, ids: &[String]) {
 
 /// Every message of `topic`: (idempotency_key header, payload).
 fn read_topic(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "reader")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    drop(tpl);
+    let c = common::reader_from_start(brokers, topic, 2);
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     // Read until `expect` and then a quiet second (nothing more comes).

@@ -165,10 +165,6 @@ pub enum ConsumeError {
     /// The engine refused (a poisoned log, a memory ceiling, …).
     #[error(transparent)]
     Engine(#[from] crate::Error),
-    /// The message's partition was revoked before it was handled (an
-    /// internal signal: the loop leaves such messages to their next owner).
-    #[error("partition revoked before the message was handled")]
-    Revoked,
     /// A partition's store could not be opened (partition scope).
     #[error("partition store: {0}")]
     Store(String),
@@ -434,14 +430,14 @@ impl DedupConsumer {
                 Step::Done(msg, r) => {
                     in_flight -= 1;
                     match r {
-                        Ok(()) => match self.store(&msg) {
+                        Ok(Handled::LeftForNextOwner) => {}
+                        Ok(Handled::Done) => match self.store(&msg) {
                             Ok(()) => {
                                 stored = true;
                                 self.stats.done.fetch_add(1, Relaxed);
                             }
                             Err(e) => break Err(e),
                         },
-                        Err(ConsumeError::Revoked) => {}
                         Err(e) => break Err(e),
                     }
                     let key = self.key(&msg);
@@ -485,10 +481,12 @@ impl DedupConsumer {
         // skips what is marked).
         let mut result = result;
         while let Some((msg, r)) = running.next().await {
-            if let Err(ConsumeError::Revoked) = r {
-                continue;
-            }
-            match r.and_then(|()| self.store(&msg)) {
+            let r = match r {
+                Ok(Handled::LeftForNextOwner) => continue,
+                Ok(Handled::Done) => self.store(&msg),
+                Err(e) => Err(e),
+            };
+            match r {
                 Ok(()) => {
                     stored = true;
                     self.stats.done.fetch_add(1, Relaxed);
@@ -567,7 +565,7 @@ impl DedupConsumer {
         &self,
         msg: &Arc<OwnedMessage>,
         handler: &H,
-    ) -> Result<(), ConsumeError>
+    ) -> Result<Handled, ConsumeError>
     where
         H: Fn(Arc<OwnedMessage>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
@@ -578,32 +576,39 @@ impl DedupConsumer {
                 Some(why) => Err(ConsumeError::Store(why)),
                 // Revoked (partition scope) while this message waited: it
                 // is its next owner's now. Leave it unhandled and unstored.
-                None => Err(ConsumeError::Revoked),
+                None => Ok(Handled::LeftForNextOwner),
             };
         };
         // An id the engine would refuse (empty, over `max_id_len`) is an
         // invalid message too, decided before any handler runs.
-        let id = match self.config.ids.id_of(&**msg) {
+        // The fingerprint is computed once, here, and handed to the guard.
+        let fp = match self.config.ids.id_of(&**msg) {
             Ok(id) => match guard.engine().fingerprint(&id) {
-                Ok(_) => id,
-                Err(e) => return self.invalid(msg, InvalidId::Refused(e.to_string())).await,
+                Ok(fp) => fp,
+                Err(e) => {
+                    let why = InvalidId::Refused(e.to_string());
+                    return self.invalid(msg, why).await.map(|()| Handled::Done);
+                }
             },
-            Err(why) => return self.invalid(msg, why).await,
+            Err(why) => return self.invalid(msg, why).await.map(|()| Handled::Done),
         };
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match guard.process_if_new(&id, handler(Arc::clone(msg))).await? {
+            match guard
+                .process_fingerprint_if_new(fp, handler(Arc::clone(msg)))
+                .await?
+            {
                 Outcome::Success(()) => {
                     self.stats.handled.fetch_add(1, Relaxed);
                     self.count(msg, Event::Handled);
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
                 Outcome::AlreadyProcessed | Outcome::InFlight => {
                     self.stats.duplicates.fetch_add(1, Relaxed);
                     self.count(msg, Event::Duplicate);
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
                 Outcome::Failed(e) => {
                     self.stats.failed.fetch_add(1, Relaxed);
@@ -611,7 +616,7 @@ impl DedupConsumer {
                     if attempt > self.config.retries {
                         if self.config.after_retries == AfterRetries::DeadLetter {
                             let why = format!("handler failed {attempt} times: {e}");
-                            return self.dead_letter(msg, &why).await;
+                            return self.dead_letter(msg, &why).await.map(|()| Handled::Done);
                         }
                         return Err(ConsumeError::Handler {
                             topic: msg.topic().to_owned(),
@@ -732,6 +737,16 @@ impl DedupConsumer {
         self.commit_seconds.observe(started.elapsed());
         Ok(true)
     }
+}
+
+/// What became of one message.
+enum Handled {
+    /// Handled, skipped as a duplicate or as invalid, or dead-lettered:
+    /// its offset may move on.
+    Done,
+    /// Its partition was revoked (partition scope) while it waited: it is
+    /// the next owner's now; neither handled nor stored.
+    LeftForNextOwner,
 }
 
 /// A partition of the subscription: (topic's index, partition).

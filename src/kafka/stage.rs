@@ -211,8 +211,11 @@ pub struct KafkaSource {
     consumer: BaseConsumer,
     ids: IdStrategy,
     item: Option<StageItem>,
-    /// Next offset to commit, per input topic-partition, since the last ack.
-    pending: HashMap<(String, i32), i64>,
+    /// The input topics, in subscription order.
+    inputs: Vec<String>,
+    /// Next offset to commit, per (input topic's index, partition), since
+    /// the last ack: no allocation per message.
+    pending: HashMap<(usize, i32), i64>,
     deliveries: Arc<Mutex<Deliveries>>,
     covered: Positions,
     checkpoint: PathBuf,
@@ -238,6 +241,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             ids: config.ids.clone(),
+            inputs: config.inputs.clone(),
             item: None,
             pending: HashMap::new(),
             deliveries,
@@ -269,8 +273,9 @@ impl Source for KafkaSource {
                     let msg = m.detach();
                     drop(m);
                     let id = self.ids.id_of(&msg).map(Cow::into_owned);
-                    self.pending
-                        .insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
+                    if let Some(t) = self.inputs.iter().position(|t| t == msg.topic()) {
+                        self.pending.insert((t, msg.partition()), msg.offset() + 1);
+                    }
                     self.item = Some(StageItem { msg, id });
                     return Ok(self.item.as_ref().map_or(Next::Idle, Next::Item));
                 }
@@ -294,7 +299,9 @@ impl Source for KafkaSource {
         }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in self.pending.drain() {
-            tpl.add_partition_offset(&t, p, Offset::Offset(o))?;
+            if let Some(topic) = self.inputs.get(t) {
+                tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+            }
         }
         let r = self.consumer.commit(&tpl, CommitMode::Sync);
         drop(tpl);

@@ -1,4 +1,6 @@
 //! Helpers shared by the Kafka test binaries.
+// Each test binary compiles this module and uses a subset of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -30,4 +32,22 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ve
         .collect();
     drop(got);
     offsets
+}
+
+/// A consumer outside any group's commits, assigned to `topic`'s first
+/// `partitions` from their beginnings: an independent reader.
+pub fn reader_from_start(brokers: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    drop(tpl);
+    c
 }
