@@ -272,6 +272,7 @@ impl EngineBuilder {
         let inner = Arc::new(Inner {
             set,
             fingerprinter: Fingerprinter::new(&secret),
+            secret,
             clock: self.clock,
             ttl: self.ttl,
             max_id_len: self.max_id_len,

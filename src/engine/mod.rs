@@ -20,6 +20,8 @@ use crate::wal::RecoveryReport;
 mod builder;
 mod durable;
 mod replay;
+#[cfg(feature = "postgres")]
+mod transfer;
 
 use builder::Background;
 pub use builder::EngineBuilder;
@@ -109,6 +111,8 @@ impl Drop for Tally<'_> {
 struct Inner {
     set: ShardedSet,
     fingerprinter: Fingerprinter,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    secret: crate::fingerprint::Secret,
     clock: Arc<dyn Clock>,
     ttl: Duration,
     max_id_len: usize,

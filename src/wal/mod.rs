@@ -28,6 +28,8 @@
 //! past it wait for the new segment. Sealed segments are therefore always
 //! fully durable, and only the last segment can have a torn tail.
 
+#[cfg(feature = "postgres")]
+pub(crate) mod changes;
 pub(crate) mod format;
 pub mod inspect;
 pub(crate) mod reader;
@@ -96,6 +98,18 @@ impl From<Position> for u64 {
 impl Position {
     fn new(seq: u64, offset: usize) -> Position {
         Position(seq << 32 | offset as u64)
+    }
+
+    /// A position stored earlier as a number (see `LogPosition::as_u64`).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_u64(p: u64) -> Position {
+        Position(p)
+    }
+
+    /// (segment sequence, byte offset).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    fn split(self) -> (u64, usize) {
+        (self.0 >> 32, (self.0 & u32::MAX as u64) as usize)
     }
 }
 
@@ -657,6 +671,19 @@ impl Wal {
             });
         }
         Ok(found)
+    }
+
+    /// The random id this log was created with: positions compare only
+    /// within one log.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn store_id(&self) -> u128 {
+        self.store_id
+    }
+
+    /// The durable records after `from`, in log order.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn changes_since(&self, from: Position) -> changes::ChangeReader<'_> {
+        changes::ChangeReader::new(self, from)
     }
 
     /// (segment files, log bytes used in total).

@@ -27,6 +27,13 @@ pub(crate) trait Storage: Send + Sync + 'static {
         let bytes = self.read(name)?;
         Ok(bytes.get(..len).unwrap_or(&bytes).to_vec())
     }
+    /// `len` bytes of a file from `offset` (fewer at its end), copied.
+    fn read_range(&self, name: &str, offset: usize, len: usize) -> io::Result<Vec<u8>> {
+        let bytes = self.read(name)?;
+        let start = offset.min(bytes.len());
+        let end = start.saturating_add(len).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
+    }
     /// Create or replace `name` atomically and durably (write a temporary
     /// file, sync it, rename it over, sync the directory).
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
@@ -192,6 +199,16 @@ impl Storage for DirStorage {
         let len = len.min(file.metadata()?.len() as usize);
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    fn read_range(&self, name: &str, offset: usize, len: usize) -> io::Result<Vec<u8>> {
+        let file = File::open(self.dir.join(name))?;
+        let size = file.metadata()?.len() as usize;
+        let start = offset.min(size);
+        let len = len.min(size - start);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, start as u64)?;
         Ok(buf)
     }
 

@@ -1,0 +1,665 @@
+//! PostgreSQL as the place a store's marks go to survive the loss of its
+//! host (feature `postgres`).
+//!
+//! * **Checkpoint** ([`Postgres::checkpoint`], or a background
+//!   [`Checkpointer`]): the durable log records since the last checkpoint of
+//!   this log, folded per fingerprint, sent with binary `COPY` into a
+//!   staging table and merged in one transaction with the new log position,
+//!   so a checkpoint is all-or-nothing, incremental and idempotent; expired
+//!   rows are deleted in the same transaction.
+//! * **Restore** ([`Postgres::open`]): a store opened with empty or stale
+//!   local state loads the live marks before its first check, with the
+//!   fingerprint secret that travels with them.
+//! * **Import** ([`Postgres::import`]): an existing `processed_events` table.
+//! * **Mark inside the caller's transaction** ([`Postgres::mark_in_transaction`]).
+//!
+//! The engine never waits for PostgreSQL: deduplication goes on from memory
+//! and the local log while the database is down, and the next checkpoint
+//! catches up.
+
+mod conn;
+mod import;
+mod periodic;
+mod schema;
+mod transaction;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use sqlx::{PgPool, Row};
+
+use crate::engine::EngineBuilder;
+use crate::fingerprint::{Fingerprint, Secret};
+use crate::wal::format::Record;
+use crate::Engine;
+pub use import::{ImportReport, ImportTable};
+pub use periodic::{CheckpointStatus, Checkpointer};
+pub use schema::{Migrated, SCHEMA_VERSION};
+pub use transaction::TxMark;
+
+/// Log records read, folded and sent per `COPY`.
+const CHUNK: usize = 64 * 1024;
+
+/// Everything that can go wrong talking to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// A setting is unusable (a malformed URL, an empty store name...).
+    #[error("PostgreSQL configuration: {0}")]
+    Config(String),
+    /// The server refused or failed the request.
+    #[error("PostgreSQL{}: {source}", host_suffix(.host))]
+    Database {
+        /// The host (URL without password) it happened on, once known.
+        host: Option<String>,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No answer within the bound.
+    #[error("PostgreSQL at {host} did not answer within {after:?}")]
+    Timeout {
+        /// The host (URL without password).
+        host: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Too many failures in a row: calls fail fast for a while.
+    #[error("PostgreSQL circuit breaker open after repeated failures; next try in {retry_in:?}")]
+    CircuitOpen {
+        /// Until the next trial call.
+        retry_in: Duration,
+    },
+    /// The database has no seen schema.
+    #[error("the seen schema is not installed in this database: run `seen pg migrate`")]
+    SchemaMissing,
+    /// The database has an older seen schema.
+    #[error("the database has seen schema version {found}, this build needs {expected}: run `seen pg migrate`")]
+    SchemaOutdated {
+        /// The version found.
+        found: i32,
+        /// The version this build writes.
+        expected: i32,
+    },
+    /// The database was migrated by a newer seen.
+    #[error("the database has seen schema version {found}, newer than this build's {supported}: upgrade seen")]
+    SchemaTooNew {
+        /// The version found.
+        found: i32,
+        /// The newest this build knows.
+        supported: i32,
+    },
+    /// The store name is taken by a store with another fingerprint secret.
+    #[error("store {store:?} in PostgreSQL belongs to another store (a different fingerprint secret); choose another store name")]
+    SecretMismatch {
+        /// The store name.
+        store: String,
+    },
+    /// Restore found nothing to restore from.
+    #[error("PostgreSQL has no checkpoint of store {store:?}")]
+    NoCheckpoint {
+        /// The store name.
+        store: String,
+    },
+    /// The engine failed (the local log, an id...).
+    #[error(transparent)]
+    Engine(#[from] crate::Error),
+}
+
+fn host_suffix(host: &Option<String>) -> String {
+    host.as_ref()
+        .map(|h| format!(" at {h}"))
+        .unwrap_or_default()
+}
+
+impl From<sqlx::Error> for PgError {
+    fn from(source: sqlx::Error) -> PgError {
+        PgError::Database { host: None, source }
+    }
+}
+
+impl PgError {
+    fn at(self, shown: &str) -> PgError {
+        match self {
+            PgError::Database { host: None, source } => PgError::Database {
+                host: Some(shown.to_owned()),
+                source,
+            },
+            e => e,
+        }
+    }
+
+    /// The connection failed or the server went away: another host or a
+    /// later attempt may work.
+    fn is_connection(&self) -> bool {
+        match self {
+            PgError::Timeout { .. } => true,
+            PgError::Database { source, .. } => match source {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                    c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Worth retrying: connection trouble, or a transaction the server
+    /// aborted for concurrency reasons.
+    fn is_transient(&self) -> bool {
+        self.is_connection()
+            || matches!(self, PgError::Database { source: sqlx::Error::Database(db), .. }
+                if db.code().is_some_and(|c| matches!(c.as_ref(), "40001" | "40P01" | "53300")))
+    }
+}
+
+/// How to reach the database and which store this is.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// One URL per host (`postgres://user:pass@host:port/db`); operations
+    /// move to the next host when a connection fails.
+    pub urls: Vec<String>,
+    /// The store's name in the database: one per state directory, or per
+    /// Kafka partition in partition scope.
+    pub store: String,
+    /// Kafka topic and partition of a partition-scope store (recorded on
+    /// the store's row).
+    pub partition: Option<(String, i32)>,
+    /// Bound on getting a connection (default 5 s).
+    pub connect_timeout: Duration,
+    /// Bound on one statement, enforced by the server (default 60 s).
+    pub statement_timeout: Duration,
+    /// Connections per host (default 4).
+    pub max_connections: u32,
+    /// Attempts per operation on transient errors (default 4: backoff 10,
+    /// 20, 40 ms between them).
+    pub attempts: u32,
+    /// Failed operations in a row that open the circuit breaker (default 3).
+    pub breaker_failures: u32,
+    /// How long the open breaker fails fast (default 5 s).
+    pub breaker_cooldown: Duration,
+}
+
+impl PgOptions {
+    /// Options for `urls` (one URL, or several separated by commas) and
+    /// store `store`, with the defaults above.
+    pub fn new(urls: &str, store: impl Into<String>) -> PgOptions {
+        PgOptions {
+            urls: conn::split_urls(urls),
+            store: store.into(),
+            partition: None,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+            max_connections: 4,
+            attempts: 4,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What one checkpoint did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Log records read since the previous checkpoint.
+    pub records: u64,
+    /// Mark rows inserted or updated.
+    pub upserted: u64,
+    /// Rows deleted because the log forgot their ids.
+    pub forgotten: u64,
+    /// Expired rows deleted.
+    pub expired: u64,
+    /// The log position checkpointed up to (`LogPosition::as_u64`).
+    pub position: u64,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// What opening with PostgreSQL did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Whether live marks were loaded (local state was empty or behind).
+    pub restored: bool,
+    /// Live rows read from the database.
+    pub rows: u64,
+    /// Marks the local store did not have.
+    pub loaded: u64,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// A store's PostgreSQL connection: checkpoint, restore, import, and marks
+/// inside the caller's transactions. Cheap to share behind an `Arc`.
+pub struct Postgres {
+    hosts: conn::Hosts,
+    store: String,
+    partition: Option<(String, i32)>,
+    /// The store row exists with this engine's secret.
+    registered: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Postgres {
+    /// Set up connections (lazily: nothing is dialled until the first call).
+    pub fn new(opts: PgOptions) -> Result<Postgres, PgError> {
+        if opts.store.is_empty() {
+            return Err(PgError::Config("the store name is empty".into()));
+        }
+        Ok(Postgres {
+            hosts: conn::Hosts::new(&opts)?,
+            store: opts.store,
+            partition: opts.partition,
+            registered: Default::default(),
+        })
+    }
+
+    /// The store name.
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+
+    /// Whether the circuit breaker is failing calls fast.
+    pub fn breaker_open(&self) -> bool {
+        self.hosts.breaker_open()
+    }
+
+    /// Connections checked out now, across hosts.
+    pub fn connections_in_use(&self) -> usize {
+        self.hosts.in_use()
+    }
+
+    /// The pool of the host in use, for callers who run their own
+    /// transactions (see [`Postgres::mark_in_transaction`]).
+    pub fn pool(&self) -> &PgPool {
+        self.hosts.current()
+    }
+
+    /// Install or upgrade the schema ([`SCHEMA_VERSION`]); a no-op when it
+    /// is current. Safe to run from several processes at once.
+    pub async fn migrate(&self) -> Result<Migrated, PgError> {
+        self.hosts
+            .run(
+                "migrate",
+                |pool| async move { schema::migrate(&pool).await },
+            )
+            .await
+    }
+
+    /// Close every connection.
+    pub async fn close(&self) {
+        self.hosts.close().await
+    }
+
+    /// Send the engine's durable marks since this log's last checkpoint.
+    pub async fn checkpoint(&self, engine: &Engine) -> Result<CheckpointReport, PgError> {
+        let log_id = engine.require_log()?;
+        self.hosts
+            .run("checkpoint", |pool| async move {
+                self.checkpoint_once(&pool, engine, log_id).await
+            })
+            .await
+    }
+
+    async fn checkpoint_once(
+        &self,
+        pool: &PgPool,
+        engine: &Engine,
+        log_id: u128,
+    ) -> Result<CheckpointReport, PgError> {
+        let started = Instant::now();
+        schema::check(pool).await?;
+        // Only durable records are sent (a checkpoint must not hold a mark
+        // the local log could still lose); under `None` or `Periodic`
+        // that means syncing first.
+        engine.sync()?;
+        let mut tx = pool.begin().await?;
+        self.ensure_store(&mut tx, engine.secret()).await?;
+        let log_key = log_id.to_le_bytes().to_vec();
+        // The row lock serialises checkpoints of one log (two processes
+        // cannot hold its directory lock, but a stale one may linger).
+        let from: i64 = sqlx::query(
+            "INSERT INTO seen_checkpoints (store, log_id, position) VALUES ($1, $2, 0)
+             ON CONFLICT (store, log_id) DO UPDATE SET position = seen_checkpoints.position
+             RETURNING position",
+        )
+        .bind(&self.store)
+        .bind(&log_key)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        sqlx::query(
+            "CREATE TEMP TABLE IF NOT EXISTS seen_stage
+               (fingerprint bytea NOT NULL, expires_at bigint NOT NULL) ON COMMIT DELETE ROWS",
+        )
+        .execute(&mut *tx)
+        .await?;
+
+        let mut report = CheckpointReport::default();
+        let Some(mut changes) = engine.changes_since(from as u64) else {
+            return Err(not_durable().into());
+        };
+        let mut records = Vec::with_capacity(CHUNK);
+        let mut latest: HashMap<u128, Option<u64>> = HashMap::with_capacity(CHUNK);
+        loop {
+            records.clear();
+            let more = changes.next_chunk(CHUNK, &mut records)?;
+            report.records += records.len() as u64;
+            // Within a chunk the last record of a fingerprint wins; chunks
+            // are applied in log order, so the result is the log's.
+            latest.clear();
+            for r in &records {
+                match *r {
+                    Record::Mark {
+                        fingerprint,
+                        expiry_unix_secs,
+                    } => latest.insert(fingerprint, Some(expiry_unix_secs)),
+                    Record::Forget { fingerprint, .. } => latest.insert(fingerprint, None),
+                };
+            }
+            let (upserted, forgotten) = self.apply_chunk(&mut tx, &latest).await?;
+            report.upserted += upserted;
+            report.forgotten += forgotten;
+            if !more {
+                break;
+            }
+        }
+        let now = crate::ttl::clock::Clock::now_unix_secs(&crate::ttl::clock::SystemClock);
+        report.expired =
+            sqlx::query("DELETE FROM seen_marks WHERE store = $1 AND expires_at <= $2")
+                .bind(&self.store)
+                .bind(now as i64)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        report.position = u64::from(changes.end());
+        sqlx::query(
+            "UPDATE seen_checkpoints SET position = $3, updated_at = now()
+             WHERE store = $1 AND log_id = $2",
+        )
+        .bind(&self.store)
+        .bind(&log_key)
+        .bind(report.position as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// Write one folded chunk: marks through `COPY` into the staging table
+    /// and one merge, forgets as one delete.
+    async fn apply_chunk(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        latest: &HashMap<u128, Option<u64>>,
+    ) -> Result<(u64, u64), PgError> {
+        let mut copy = Vec::with_capacity(19 + latest.len() * 38 + 2);
+        copy.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        copy.extend_from_slice(&0i32.to_be_bytes()); // flags
+        copy.extend_from_slice(&0i32.to_be_bytes()); // header extension
+        let mut marks = 0u64;
+        let mut forgets: Vec<Vec<u8>> = Vec::new();
+        for (&fp, &expiry) in latest {
+            match expiry {
+                Some(expiry) => {
+                    copy.extend_from_slice(&2i16.to_be_bytes());
+                    copy.extend_from_slice(&16i32.to_be_bytes());
+                    copy.extend_from_slice(&fp.to_le_bytes());
+                    copy.extend_from_slice(&8i32.to_be_bytes());
+                    copy.extend_from_slice(&(expiry.min(i64::MAX as u64) as i64).to_be_bytes());
+                    marks += 1;
+                }
+                None => forgets.push(fp.to_le_bytes().to_vec()),
+            }
+        }
+        copy.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut upserted = 0;
+        if marks > 0 {
+            let mut sink = tx
+                .copy_in_raw("COPY seen_stage (fingerprint, expires_at) FROM STDIN (FORMAT binary)")
+                .await?;
+            sink.send(copy).await?;
+            sink.finish().await?;
+            upserted = sqlx::query(
+                "INSERT INTO seen_marks (store, fingerprint, expires_at)
+                 SELECT $1, fingerprint, expires_at FROM seen_stage
+                 ON CONFLICT (store, fingerprint) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                 WHERE seen_marks.expires_at IS DISTINCT FROM EXCLUDED.expires_at",
+            )
+            .bind(&self.store)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query("TRUNCATE seen_stage").execute(&mut *tx).await?;
+        }
+        let mut forgotten = 0;
+        if !forgets.is_empty() {
+            forgotten =
+                sqlx::query("DELETE FROM seen_marks WHERE store = $1 AND fingerprint = ANY($2)")
+                    .bind(&self.store)
+                    .bind(&forgets)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+        }
+        Ok((upserted, forgotten))
+    }
+
+    /// Register the store with `secret`, or check that its registered
+    /// secret is `secret`.
+    async fn ensure_store(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        secret: Secret,
+    ) -> Result<(), PgError> {
+        let (topic, partition) = match &self.partition {
+            Some((t, p)) => (Some(t.as_str()), Some(*p)),
+            None => (None, None),
+        };
+        let stored: Vec<u8> = sqlx::query(
+            "INSERT INTO seen_stores (store, secret, topic, kafka_partition) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (store) DO UPDATE SET store = EXCLUDED.store
+             RETURNING secret",
+        )
+        .bind(&self.store)
+        .bind(secret.as_bytes().as_slice())
+        .bind(topic)
+        .bind(partition)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+        if stored.as_slice() != secret.as_bytes().as_slice() {
+            return Err(PgError::SecretMismatch {
+                store: self.store.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The store's fingerprint secret, if it was ever checkpointed.
+    async fn stored_secret(&self) -> Result<Option<Secret>, PgError> {
+        self.hosts
+            .run("read the store", |pool| async move {
+                schema::check(&pool).await?;
+                let row = sqlx::query("SELECT secret FROM seen_stores WHERE store = $1")
+                    .bind(&self.store)
+                    .fetch_optional(&pool)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let bytes: Vec<u8> = row.try_get(0)?;
+                let bytes: [u8; 16] = bytes.try_into().map_err(|_| {
+                    PgError::Config(format!("store {:?} has a malformed secret", self.store))
+                })?;
+                Ok(Some(Secret::from_bytes(bytes)))
+            })
+            .await
+    }
+
+    /// Open the engine in `dir` with this store's state: a new state
+    /// directory gets the store's fingerprint secret and its live marks; an
+    /// existing one that is behind (never checkpointed, or another host
+    /// checkpointed the store since it last did) loads the marks it lacks.
+    /// `progress(rows, total)` is called while loading.
+    pub async fn open(
+        &self,
+        builder: EngineBuilder,
+        dir: impl AsRef<Path>,
+        progress: impl Fn(u64, u64),
+    ) -> Result<(Engine, RestoreReport), PgError> {
+        let dir = dir.as_ref();
+        let stored = self.stored_secret().await?;
+        let fresh = !dir.join(crate::wal::format::STORE_FILE).exists();
+        let builder = match (stored, fresh) {
+            (Some(secret), true) => builder.secret(secret),
+            _ => builder,
+        };
+        let engine = builder.open(dir)?;
+        if let Some(secret) = stored {
+            if secret != engine.secret() {
+                return Err(PgError::SecretMismatch {
+                    store: self.store.clone(),
+                });
+            }
+        }
+        if stored.is_none() {
+            return Ok((engine, RestoreReport::default()));
+        }
+        let behind = fresh || engine.is_empty() || self.is_behind(&engine).await?;
+        if !behind {
+            return Ok((engine, RestoreReport::default()));
+        }
+        if !fresh {
+            // Send this log's own unsent marks first: after the load, its
+            // checkpoint position moves past everything in it.
+            self.checkpoint(&engine).await?;
+        }
+        // Nobody else holds the engine yet, so every record logged from
+        // here to the end is a restored one.
+        let report = self.restore_into(&engine, &progress, true).await?;
+        Ok((engine, report))
+    }
+
+    /// Whether another log of this store checkpointed after this one did
+    /// (or this one never did).
+    async fn is_behind(&self, engine: &Engine) -> Result<bool, PgError> {
+        let log_key = engine.require_log()?.to_le_bytes().to_vec();
+        self.hosts
+            .run("compare checkpoints", |pool| {
+                let log_key = log_key.clone();
+                async move {
+                    let behind: bool = sqlx::query(
+                        "SELECT coalesce(
+                           (SELECT max(updated_at) FROM seen_checkpoints WHERE store = $1 AND log_id <> $2)
+                             > (SELECT updated_at FROM seen_checkpoints WHERE store = $1 AND log_id = $2),
+                           NOT EXISTS (SELECT 1 FROM seen_checkpoints WHERE store = $1 AND log_id = $2))",
+                    )
+                    .bind(&self.store)
+                    .bind(&log_key)
+                    .fetch_one(&pool)
+                    .await?
+                    .try_get(0)?;
+                    Ok(behind)
+                }
+            })
+            .await
+    }
+
+    /// Load every live mark of the store into `engine` (marks it already
+    /// has are left alone). The engine may be in use meanwhile; the next
+    /// checkpoint sends the loaded marks back once (an idempotent no-op
+    /// for the rows). [`Postgres::open`] avoids that.
+    pub async fn restore(&self, engine: &Engine) -> Result<RestoreReport, PgError> {
+        self.restore_into(engine, &|_, _| {}, false).await
+    }
+
+    /// [`Postgres::restore`]; with `advance`, record this log as
+    /// checkpointed up to its end afterwards (only right when everything
+    /// in it is checkpointed or restored).
+    async fn restore_into(
+        &self,
+        engine: &Engine,
+        progress: &dyn Fn(u64, u64),
+        advance: bool,
+    ) -> Result<RestoreReport, PgError> {
+        let log_key = engine.require_log()?.to_le_bytes().to_vec();
+        self.hosts
+            .run("restore", |pool| {
+                let log_key = log_key.clone();
+                async move {
+                    let started = Instant::now();
+                    let now = crate::ttl::clock::Clock::now_unix_secs(&crate::ttl::clock::SystemClock);
+                    let total: i64 = sqlx::query(
+                        "SELECT count(*) FROM seen_marks WHERE store = $1 AND expires_at > $2",
+                    )
+                    .bind(&self.store)
+                    .bind(now as i64)
+                    .fetch_one(&pool)
+                    .await?
+                    .try_get(0)?;
+                    progress(0, total as u64);
+                    let mut conn = pool.acquire().await?;
+                    let mut rows = sqlx::query(
+                        "SELECT fingerprint, expires_at FROM seen_marks WHERE store = $1 AND expires_at > $2",
+                    )
+                    .bind(&self.store)
+                    .bind(now as i64)
+                    .fetch(&mut *conn);
+                    let mut report = RestoreReport {
+                        restored: true,
+                        ..RestoreReport::default()
+                    };
+                    let mut batch = Vec::with_capacity(CHUNK);
+                    while let Some(row) = rows.try_next().await? {
+                        let fp: &[u8] = row.try_get(0)?;
+                        let expires: i64 = row.try_get(1)?;
+                        let Ok(fp) = <[u8; 16]>::try_from(fp) else {
+                            tracing::warn!(store = %self.store, "seen: skipped a malformed fingerprint row");
+                            continue;
+                        };
+                        batch.push((Fingerprint::from_le_bytes(fp), expires.max(0) as u64));
+                        report.rows += 1;
+                        if batch.len() == CHUNK {
+                            report.loaded += engine.load_marks(&batch)? as u64;
+                            batch.clear();
+                            progress(report.rows, total as u64);
+                        }
+                    }
+                    drop(rows);
+                    report.loaded += engine.load_marks(&batch)? as u64;
+                    progress(report.rows, total as u64);
+                    if !advance {
+                        report.duration = started.elapsed();
+                        return Ok(report);
+                    }
+                    // Everything in the log now is in the database already.
+                    let position = engine.durable_position().map_or(0, |p| p.as_u64());
+                    sqlx::query(
+                        "INSERT INTO seen_checkpoints (store, log_id, position) VALUES ($1, $2, $3)
+                         ON CONFLICT (store, log_id) DO UPDATE SET position = GREATEST(seen_checkpoints.position, EXCLUDED.position), updated_at = now()",
+                    )
+                    .bind(&self.store)
+                    .bind(&log_key)
+                    .bind(position as i64)
+                    .execute(&mut *conn)
+                    .await?;
+                    report.duration = started.elapsed();
+                    Ok(report)
+                }
+            })
+            .await
+    }
+}
+
+fn not_durable() -> crate::Error {
+    crate::Error::Config("checkpoints need a durable engine (EngineBuilder::open)".into())
+}
