@@ -24,6 +24,9 @@ use crate::{Durability, Engine, EngineBuilder, Error, MemoryPolicy, RecoveryMode
 /// | `SEEN_SHARDS` | `--shards` | shards, a power of two | 64 |
 /// | `SEEN_SEGMENT_SIZE` | `--segment-size` | bytes per log segment (`4MiB`, bytes) | `64MiB` |
 /// | `SEEN_METRICS_ADDR` | `--metrics-addr` | serve Prometheus metrics here (CLI) | unset |
+/// | `SEEN_POSTGRES_URL` | `--postgres` | checkpoint to / restore from PostgreSQL (feature `postgres`) | unset |
+/// | `SEEN_PG_STORE` | `--store` | the store's name in PostgreSQL | `default` |
+/// | `SEEN_CHECKPOINT_INTERVAL` | `--checkpoint-every` | time between checkpoints | `10s` |
 ///
 /// A bad value is an [`Error::Config`] that names the variable (the CLI's
 /// flag errors name the flag).
@@ -50,6 +53,12 @@ pub struct Config {
     pub segment_size: Option<usize>,
     /// Where the CLI serves metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// PostgreSQL URL(s), comma-separated, for checkpoints (feature `postgres`).
+    pub postgres_url: Option<String>,
+    /// The store's name in PostgreSQL.
+    pub pg_store: Option<String>,
+    /// Time between checkpoints.
+    pub checkpoint_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -65,6 +74,9 @@ impl Default for Config {
             shards: None,
             segment_size: None,
             metrics_addr: None,
+            postgres_url: None,
+            pg_store: None,
+            checkpoint_interval: None,
         }
     }
 }
@@ -83,6 +95,9 @@ pub const ENV_VARS: &[&str] = &[
     "SEEN_SHARDS",
     "SEEN_SEGMENT_SIZE",
     "SEEN_METRICS_ADDR",
+    "SEEN_POSTGRES_URL",
+    "SEEN_PG_STORE",
+    "SEEN_CHECKPOINT_INTERVAL",
 ];
 
 fn named<T, E: std::fmt::Display>(
@@ -122,6 +137,13 @@ impl Config {
                 "SEEN_SEGMENT_SIZE" => c.segment_size = Some(named(k, v, parse_size(v))?),
                 "SEEN_METRICS_ADDR" if !v.is_empty() => {
                     c.metrics_addr = Some(named(k, v, v.trim().parse::<SocketAddr>())?)
+                }
+                "SEEN_POSTGRES_URL" if !v.is_empty() => {
+                    c.postgres_url = Some(named(k, "(hidden)", parse_postgres_url(v))?)
+                }
+                "SEEN_PG_STORE" if !v.is_empty() => c.pg_store = Some(v.to_owned()),
+                "SEEN_CHECKPOINT_INTERVAL" => {
+                    c.checkpoint_interval = Some(named(k, v, parse_interval(v))?)
                 }
                 _ => {}
             }
@@ -165,6 +187,39 @@ impl Config {
             None => self.builder().build(),
         }
     }
+}
+
+/// A PostgreSQL URL, or several separated by commas (checked for shape
+/// only; the driver parses the rest).
+pub fn parse_postgres_url(s: &str) -> std::result::Result<String, String> {
+    let ok = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .all(|u| {
+            u.starts_with("postgres://") || u.starts_with("postgresql://") || !u.contains("://")
+        });
+    let first = s.trim_start();
+    if ok && (first.starts_with("postgres://") || first.starts_with("postgresql://")) {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "expected postgres://user:password@host:port/database (several separated by commas)"
+                .into(),
+        )
+    }
+}
+
+/// A positive duration: `500ms`, `10s`, `1m`, or seconds.
+pub fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
+    let d = match s.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s.trim()).map_err(|e| e.to_string())?,
+    };
+    if d.is_zero() {
+        return Err("must be above zero".into());
+    }
+    Ok(d)
 }
 
 /// A TTL: bare seconds (`3600`) or a duration (`90s`, `1h 30m`, `7d`),

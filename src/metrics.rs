@@ -288,3 +288,67 @@ impl Collector for KafkaCollector {
         Ok(())
     }
 }
+
+/// Register a background checkpointer's status:
+/// `seen_checkpoint_total`, `seen_checkpoint_failures_total`,
+/// `seen_checkpoint_rows_total`, `seen_checkpoint_rows_per_second`,
+/// `seen_checkpoint_lag_marks`, `seen_checkpoint_lag_seconds`,
+/// `seen_checkpoint_breaker_open` and `seen_checkpoint_pool_in_use`.
+#[cfg(feature = "postgres")]
+pub fn register_checkpoint(registry: &mut Registry, watch: crate::checkpoint::CheckpointWatch) {
+    registry.register_collector(Box::new(CheckpointCollector(watch)));
+}
+
+#[cfg(feature = "postgres")]
+#[derive(Debug)]
+struct CheckpointCollector(crate::checkpoint::CheckpointWatch);
+
+#[cfg(feature = "postgres")]
+impl Collector for CheckpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.status();
+        for (name, help, value) in [
+            ("seen_checkpoint", "Successful checkpoints", s.checkpoints),
+            ("seen_checkpoint_failures", "Failed checkpoints", s.failures),
+            (
+                "seen_checkpoint_rows",
+                "Rows written by checkpoints",
+                s.rows,
+            ),
+        ] {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        for (name, help, value) in [
+            (
+                "seen_checkpoint_rows_per_second",
+                "Rows per second of the last checkpoint that wrote any",
+                s.rows_per_second,
+            ),
+            (
+                "seen_checkpoint_lag_marks",
+                "New marks not yet checkpointed",
+                s.marks_behind as f64,
+            ),
+            (
+                "seen_checkpoint_lag_seconds",
+                "Seconds since the last successful checkpoint, while marks wait",
+                s.seconds_behind,
+            ),
+            (
+                "seen_checkpoint_breaker_open",
+                "1 while the PostgreSQL circuit breaker fails calls fast",
+                f64::from(u8::from(s.breaker_open)),
+            ),
+            (
+                "seen_checkpoint_pool_in_use",
+                "PostgreSQL connections checked out",
+                s.connections_in_use as f64,
+            ),
+        ] {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

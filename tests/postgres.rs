@@ -37,6 +37,7 @@ fn main() {
             "bad_urls_credentials_and_databases_fail_fast",
             bad_connections,
         ),
+        ("the_cli_migrates_checkpoints_restores_and_imports", cli),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -553,4 +554,106 @@ fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Run `seen` with `args` and `stdin`; (exit code, stdout, stderr).
+fn seen_cli(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seen"))
+        .args(args)
+        .env_remove("SEEN_POSTGRES_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli(c: &Cluster, _rt: &tokio::runtime::Runtime) {
+    let url = c.create_db("cli");
+    let (code, _, err) = seen_cli(&["pg", "migrate", "--postgres", &url], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 → 1"), "{err}");
+    let (code, _, err) = seen_cli(&["pg", "migrate", "--postgres", &url], "");
+    assert!(code == 0 && err.contains("already"), "{err}");
+    // A filter run checkpoints as it goes and once more at the end.
+    let a = tempfile::tempdir().unwrap();
+    let input: String = (0..2000).map(|i| format!("id-{}\n", i % 1500)).collect();
+    let (code, out, err) = seen_cli(
+        &[
+            "filter",
+            "--durability",
+            "none",
+            "--state",
+            a.path().to_str().unwrap(),
+            "--postgres",
+            &url,
+            "--store",
+            "lines",
+        ],
+        &input,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1500);
+    assert_eq!(count(c, "cli", "lines"), 1500);
+    // Another host: restore, then the same input is all duplicates.
+    let b = tempfile::tempdir().unwrap();
+    let b_dir = b.path().join("state");
+    let b_dir = b_dir.to_str().unwrap();
+    let (code, _, err) = seen_cli(
+        &[
+            "pg",
+            "restore",
+            "--state",
+            b_dir,
+            "--postgres",
+            &url,
+            "--store",
+            "lines",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1500 live marks"), "{err}");
+    let (code, out, err) = seen_cli(&["filter", "--state", b_dir], &input);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "", "restored marks make every line a duplicate");
+    // Import a processed_events table into a third store.
+    c.psql("cli", "CREATE TABLE processed_events (event_id varchar PRIMARY KEY, processed_at timestamptz, metadata jsonb); INSERT INTO processed_events VALUES ('x-1', now(), NULL), ('x-2', now() - interval '3 hours', NULL)");
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path().to_str().unwrap();
+    let (code, _, err) = seen_cli(&["pg", "import", "--state", d, "--postgres", &url], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 ids marked"), "{err}");
+    let (_, out, _) = seen_cli(&["filter", "--state", d], "x-1\nx-2\n");
+    assert_eq!(out, "x-2\n");
+    // Errors name what is wrong and do not show the password.
+    let (code, _, err) = seen_cli(
+        &["pg", "checkpoint", "--state", d, "--postgres", "mysql://x"],
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("postgres://"), "{err}");
+    let wrong = c.url("cli").replace(pg::PASSWORD, "nope-not-it");
+    let (code, _, err) = seen_cli(
+        &["pg", "checkpoint", "--state", d, "--postgres", &wrong],
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("password authentication failed") && !err.contains("nope-not-it"),
+        "{err}"
+    );
 }

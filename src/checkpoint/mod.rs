@@ -35,7 +35,7 @@ use crate::fingerprint::{Fingerprint, Secret};
 use crate::wal::format::Record;
 use crate::Engine;
 pub use import::{ImportReport, ImportTable};
-pub use periodic::{CheckpointStatus, Checkpointer};
+pub use periodic::{CheckpointStatus, CheckpointWatch, Checkpointer};
 pub use schema::{Migrated, SCHEMA_VERSION};
 pub use transaction::TxMark;
 

@@ -51,9 +51,24 @@ struct Shared {
 pub struct Checkpointer {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<Option<PgError>>>,
+    watch: CheckpointWatch,
+}
+
+/// Reads a [`Checkpointer`]'s status from elsewhere (a metrics endpoint)
+/// without keeping it running.
+#[derive(Clone)]
+pub struct CheckpointWatch {
     shared: Arc<Shared>,
     pg: Arc<Postgres>,
     started: Instant,
+}
+
+impl std::fmt::Debug for CheckpointWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWatch")
+            .field("status", &self.status())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -132,12 +147,36 @@ impl Checkpointer {
         Ok(Checkpointer {
             stop: Some(stop),
             thread: Some(thread),
-            shared,
-            pg,
-            started,
+            watch: CheckpointWatch {
+                shared,
+                pg,
+                started,
+            },
         })
     }
 
+    /// Where the checkpointer stands.
+    pub fn status(&self) -> CheckpointStatus {
+        self.watch.status()
+    }
+
+    /// A handle that reads [`Checkpointer::status`].
+    pub fn watch(&self) -> CheckpointWatch {
+        self.watch.clone()
+    }
+
+    /// Stop, after a last checkpoint; its error, if it failed.
+    pub fn stop(mut self) -> Option<PgError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Option<PgError> {
+        drop(self.stop.take());
+        self.thread.take().and_then(|t| t.join().ok().flatten())
+    }
+}
+
+impl CheckpointWatch {
     /// Where the checkpointer stands.
     pub fn status(&self) -> CheckpointStatus {
         let s = &self.shared;
@@ -158,16 +197,6 @@ impl Checkpointer {
             breaker_open: self.pg.breaker_open(),
             connections_in_use: self.pg.connections_in_use() as u64,
         }
-    }
-
-    /// Stop, after a last checkpoint; its error, if it failed.
-    pub fn stop(mut self) -> Option<PgError> {
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Option<PgError> {
-        drop(self.stop.take());
-        self.thread.take().and_then(|t| t.join().ok().flatten())
     }
 }
 

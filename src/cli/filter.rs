@@ -39,6 +39,10 @@ pub(crate) struct FilterArgs {
     #[command(flatten)]
     engine: EngineArgs,
 
+    #[cfg(feature = "postgres")]
+    #[command(flatten)]
+    pg: super::pg::PgArgs,
+
     /// Print no summary on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -66,6 +70,11 @@ pub(crate) fn run(args: FilterArgs) -> anyhow::Result<ExitCode> {
             IdSpec::Json(args.keys.clone())
         }
     };
+    #[cfg(feature = "postgres")]
+    let attached = super::pg::Attached::open(&args.pg, &args.engine, args.quiet)?;
+    #[cfg(feature = "postgres")]
+    let engine = std::sync::Arc::clone(&attached.engine);
+    #[cfg(not(feature = "postgres"))]
     let engine = args.engine.open(args.quiet, "filter")?;
     let options = StageOptions {
         id,
@@ -99,6 +108,11 @@ pub(crate) fn run(args: FilterArgs) -> anyhow::Result<ExitCode> {
             secs,
             summary.read as f64 / secs.max(1e-9)
         );
+    }
+    #[cfg(feature = "postgres")]
+    {
+        drop(engine);
+        attached.finish()?;
     }
     match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),

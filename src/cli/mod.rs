@@ -5,6 +5,8 @@ mod bench;
 mod filter;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "postgres")]
+mod pg;
 mod store;
 
 use std::process::ExitCode;
@@ -40,6 +42,10 @@ enum Command {
     /// even across kill -9 (feature `kafka`).
     #[cfg(feature = "kafka")]
     Kafka(kafka::KafkaArgs),
+    /// Checkpoint to, restore from and import from PostgreSQL (feature
+    /// `postgres`).
+    #[cfg(feature = "postgres")]
+    Pg(pg::PgCommand),
 }
 
 /// Exit code for bad input under `--on-invalid fail`, and for usage errors.
@@ -54,6 +60,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "kafka")]
         Command::Kafka(args) => kafka::run(args),
+        #[cfg(feature = "postgres")]
+        Command::Pg(args) => pg::run(args),
     };
     match result {
         Ok(code) => code,
@@ -162,7 +170,17 @@ impl EngineArgs {
 
     /// Open the configured engine, with a replay progress bar, and serve
     /// metrics if asked.
+    #[cfg_attr(feature = "postgres", allow(dead_code))]
     pub(crate) fn open(&self, quiet: bool, command: &str) -> anyhow::Result<Arc<Engine>> {
+        let engine = self.open_engine(quiet, command)?;
+        if let Some(addr) = self.config()?.metrics_addr {
+            serve_metrics(addr, &engine, |_| {})?;
+        }
+        Ok(engine)
+    }
+
+    /// [`EngineArgs::open`] without the metrics endpoint.
+    pub(crate) fn open_engine(&self, quiet: bool, command: &str) -> anyhow::Result<Arc<Engine>> {
         let config = self.config()?;
         let engine = match &config.state_dir {
             None => config.builder().build()?,
@@ -188,11 +206,7 @@ impl EngineArgs {
                 engine
             }
         };
-        let engine = Arc::new(engine);
-        if let Some(addr) = config.metrics_addr {
-            serve_metrics(addr, &engine)?;
-        }
-        Ok(engine)
+        Ok(Arc::new(engine))
     }
 }
 
@@ -200,9 +214,11 @@ impl EngineArgs {
 pub(crate) fn serve_metrics(
     addr: std::net::SocketAddr,
     engine: &Arc<Engine>,
+    more: impl FnOnce(&mut prometheus_client::registry::Registry),
 ) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     seen::metrics::register(&mut registry, engine);
+    more(&mut registry);
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))?;
     std::thread::Builder::new()

@@ -14,6 +14,8 @@ use crate::guard::IdempotencyGuard;
 use crate::{Config, Error};
 
 /// Dedup scope of a [`DedupConsumer`](super::DedupConsumer).
+// Made once per consumer: the size of the settings does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Scope {
