@@ -206,9 +206,9 @@ impl PgOptions {
 pub struct CheckpointReport {
     /// Log records read since the previous checkpoint.
     pub records: u64,
-    /// Mark rows inserted or updated.
-    pub upserted: u64,
-    /// Rows deleted because the log forgot their ids.
+    /// Mark rows written (one per fingerprint per chunk of the log).
+    pub written: u64,
+    /// Forget rows written (the log forgot those ids).
     pub forgotten: u64,
     /// Expired rows deleted.
     pub expired: u64,
@@ -227,6 +227,8 @@ pub struct RestoreReport {
     pub rows: u64,
     /// Marks the local store did not have.
     pub loaded: u64,
+    /// Marks removed because the store forgot their ids.
+    pub forgotten: u64,
     /// Wall time.
     pub duration: Duration,
 }
@@ -237,8 +239,8 @@ pub struct Postgres {
     hosts: conn::Hosts,
     store: String,
     partition: Option<(String, i32)>,
-    /// The store row exists with this engine's secret.
-    registered: std::sync::atomic::AtomicBool,
+    /// The store's id once registered (0 before), for transactional marks.
+    store_id: std::sync::atomic::AtomicI32,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -259,7 +261,7 @@ impl Postgres {
             hosts: conn::Hosts::new(&opts)?,
             store: opts.store,
             partition: opts.partition,
-            registered: Default::default(),
+            store_id: Default::default(),
         })
     }
 
@@ -323,70 +325,83 @@ impl Postgres {
         // that means syncing first.
         engine.sync()?;
         let mut tx = pool.begin().await?;
-        self.ensure_store(&mut tx, engine.secret()).await?;
+        let store_id = self.ensure_store(&mut tx, engine.secret()).await?;
         let log_key = log_id.to_le_bytes().to_vec();
         // The row lock serialises checkpoints of one log (two processes
         // cannot hold its directory lock, but a stale one may linger).
         let from: i64 = sqlx::query(
-            "INSERT INTO seen_checkpoints (store, log_id, position) VALUES ($1, $2, 0)
-             ON CONFLICT (store, log_id) DO UPDATE SET position = seen_checkpoints.position
+            "INSERT INTO seen_checkpoints (store_id, log_id, position) VALUES ($1, $2, 0)
+             ON CONFLICT (store_id, log_id) DO UPDATE SET position = seen_checkpoints.position
              RETURNING position",
         )
-        .bind(&self.store)
+        .bind(store_id)
         .bind(&log_key)
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        sqlx::query(
-            "CREATE TEMP TABLE IF NOT EXISTS seen_stage
-               (fingerprint bytea NOT NULL, expires_at bigint NOT NULL) ON COMMIT DELETE ROWS",
-        )
-        .execute(&mut *tx)
-        .await?;
 
         let mut report = CheckpointReport::default();
         let Some(mut changes) = engine.changes_since(from as u64) else {
             return Err(not_durable().into());
         };
         let mut records = Vec::with_capacity(CHUNK);
-        let mut latest: HashMap<u128, Option<u64>> = HashMap::with_capacity(CHUNK);
+        let mut latest: HashMap<u128, i64> = HashMap::with_capacity(CHUNK);
         loop {
             records.clear();
             let more = changes.next_chunk(CHUNK, &mut records)?;
             report.records += records.len() as u64;
-            // Within a chunk the last record of a fingerprint wins; chunks
-            // are applied in log order, so the result is the log's.
+            // Within a chunk the last record of a fingerprint wins (a mark
+            // as its expiry, a forget as minus its expiry); chunks get
+            // increasing batch numbers, so later ones win on restore.
             latest.clear();
             for r in &records {
-                match *r {
+                let (fp, expiry) = match *r {
                     Record::Mark {
                         fingerprint,
                         expiry_unix_secs,
-                    } => latest.insert(fingerprint, Some(expiry_unix_secs)),
-                    Record::Forget { fingerprint, .. } => latest.insert(fingerprint, None),
+                    } => (fingerprint, clamp(expiry_unix_secs)),
+                    Record::Forget {
+                        fingerprint,
+                        expiry_unix_secs,
+                    } => (fingerprint, -clamp(expiry_unix_secs)),
                 };
+                latest.insert(fp, expiry);
             }
-            let (upserted, forgotten) = self.apply_chunk(&mut tx, &latest).await?;
-            report.upserted += upserted;
-            report.forgotten += forgotten;
+            if !latest.is_empty() {
+                let (written, forgotten) = write_chunk(&mut tx, store_id, &latest).await?;
+                report.written += written;
+                report.forgotten += forgotten;
+            }
             if !more {
                 break;
             }
         }
-        let now = crate::ttl::clock::Clock::now_unix_secs(&crate::ttl::clock::SystemClock);
-        report.expired =
-            sqlx::query("DELETE FROM seen_marks WHERE store = $1 AND expires_at <= $2")
-                .bind(&self.store)
-                .bind(now as i64)
+        let now = clamp(crate::ttl::clock::Clock::now_unix_secs(
+            &crate::ttl::clock::SystemClock,
+        ));
+        // Expired marks and forgets, found through the BRIN index.
+        report.expired = sqlx::query(
+            "DELETE FROM seen_marks WHERE store_id = $1
+               AND ((expires_at > 0 AND expires_at <= $2) OR (expires_at < 0 AND expires_at >= -$2))",
+        )
+        .bind(store_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        report.expired +=
+            sqlx::query("DELETE FROM seen_tx_marks WHERE store_id = $1 AND expires_at <= $2")
+                .bind(store_id)
+                .bind(now)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
         report.position = u64::from(changes.end());
         sqlx::query(
             "UPDATE seen_checkpoints SET position = $3, updated_at = now()
-             WHERE store = $1 AND log_id = $2",
+             WHERE store_id = $1 AND log_id = $2",
         )
-        .bind(&self.store)
+        .bind(store_id)
         .bind(&log_key)
         .bind(report.position as i64)
         .execute(&mut *tx)
@@ -396,111 +411,52 @@ impl Postgres {
         Ok(report)
     }
 
-    /// Write one folded chunk: marks through `COPY` into the staging table
-    /// and one merge, forgets as one delete.
-    async fn apply_chunk(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        latest: &HashMap<u128, Option<u64>>,
-    ) -> Result<(u64, u64), PgError> {
-        let mut copy = Vec::with_capacity(19 + latest.len() * 38 + 2);
-        copy.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        copy.extend_from_slice(&0i32.to_be_bytes()); // flags
-        copy.extend_from_slice(&0i32.to_be_bytes()); // header extension
-        let mut marks = 0u64;
-        let mut forgets: Vec<Vec<u8>> = Vec::new();
-        for (&fp, &expiry) in latest {
-            match expiry {
-                Some(expiry) => {
-                    copy.extend_from_slice(&2i16.to_be_bytes());
-                    copy.extend_from_slice(&16i32.to_be_bytes());
-                    copy.extend_from_slice(&fp.to_le_bytes());
-                    copy.extend_from_slice(&8i32.to_be_bytes());
-                    copy.extend_from_slice(&(expiry.min(i64::MAX as u64) as i64).to_be_bytes());
-                    marks += 1;
-                }
-                None => forgets.push(fp.to_le_bytes().to_vec()),
-            }
-        }
-        copy.extend_from_slice(&(-1i16).to_be_bytes());
-        let mut upserted = 0;
-        if marks > 0 {
-            let mut sink = tx
-                .copy_in_raw("COPY seen_stage (fingerprint, expires_at) FROM STDIN (FORMAT binary)")
-                .await?;
-            sink.send(copy).await?;
-            sink.finish().await?;
-            upserted = sqlx::query(
-                "INSERT INTO seen_marks (store, fingerprint, expires_at)
-                 SELECT $1, fingerprint, expires_at FROM seen_stage
-                 ON CONFLICT (store, fingerprint) DO UPDATE SET expires_at = EXCLUDED.expires_at
-                 WHERE seen_marks.expires_at IS DISTINCT FROM EXCLUDED.expires_at",
-            )
-            .bind(&self.store)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            sqlx::query("TRUNCATE seen_stage").execute(&mut *tx).await?;
-        }
-        let mut forgotten = 0;
-        if !forgets.is_empty() {
-            forgotten =
-                sqlx::query("DELETE FROM seen_marks WHERE store = $1 AND fingerprint = ANY($2)")
-                    .bind(&self.store)
-                    .bind(&forgets)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-        }
-        Ok((upserted, forgotten))
-    }
-
     /// Register the store with `secret`, or check that its registered
-    /// secret is `secret`.
+    /// secret is `secret`; its id.
     async fn ensure_store(
         &self,
         conn: &mut sqlx::PgConnection,
         secret: Secret,
-    ) -> Result<(), PgError> {
+    ) -> Result<i32, PgError> {
         let (topic, partition) = match &self.partition {
             Some((t, p)) => (Some(t.as_str()), Some(*p)),
             None => (None, None),
         };
-        let stored: Vec<u8> = sqlx::query(
+        let row = sqlx::query(
             "INSERT INTO seen_stores (store, secret, topic, kafka_partition) VALUES ($1, $2, $3, $4)
              ON CONFLICT (store) DO UPDATE SET store = EXCLUDED.store
-             RETURNING secret",
+             RETURNING id, secret",
         )
         .bind(&self.store)
         .bind(secret.as_bytes().as_slice())
         .bind(topic)
         .bind(partition)
         .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
+        .await?;
+        let stored: Vec<u8> = row.try_get(1)?;
         if stored.as_slice() != secret.as_bytes().as_slice() {
             return Err(PgError::SecretMismatch {
                 store: self.store.clone(),
             });
         }
-        Ok(())
+        Ok(row.try_get(0)?)
     }
 
-    /// The store's fingerprint secret, if it was ever checkpointed.
-    async fn stored_secret(&self) -> Result<Option<Secret>, PgError> {
+    /// The store's id and fingerprint secret, if it was ever checkpointed.
+    async fn stored(&self) -> Result<Option<(i32, Secret)>, PgError> {
         self.hosts
             .run("read the store", |pool| async move {
                 schema::check(&pool).await?;
-                let row = sqlx::query("SELECT secret FROM seen_stores WHERE store = $1")
+                let row = sqlx::query("SELECT id, secret FROM seen_stores WHERE store = $1")
                     .bind(&self.store)
                     .fetch_optional(&pool)
                     .await?;
                 let Some(row) = row else { return Ok(None) };
-                let bytes: Vec<u8> = row.try_get(0)?;
+                let bytes: Vec<u8> = row.try_get(1)?;
                 let bytes: [u8; 16] = bytes.try_into().map_err(|_| {
                     PgError::Config(format!("store {:?} has a malformed secret", self.store))
                 })?;
-                Ok(Some(Secret::from_bytes(bytes)))
+                Ok(Some((row.try_get(0)?, Secret::from_bytes(bytes))))
             })
             .await
     }
@@ -517,24 +473,22 @@ impl Postgres {
         progress: impl Fn(u64, u64),
     ) -> Result<(Engine, RestoreReport), PgError> {
         let dir = dir.as_ref();
-        let stored = self.stored_secret().await?;
+        let stored = self.stored().await?;
         let fresh = !dir.join(crate::wal::format::STORE_FILE).exists();
         let builder = match (stored, fresh) {
-            (Some(secret), true) => builder.secret(secret),
+            (Some((_, secret)), true) => builder.secret(secret),
             _ => builder,
         };
         let engine = builder.open(dir)?;
-        if let Some(secret) = stored {
-            if secret != engine.secret() {
-                return Err(PgError::SecretMismatch {
-                    store: self.store.clone(),
-                });
-            }
-        }
-        if stored.is_none() {
+        let Some((store_id, secret)) = stored else {
             return Ok((engine, RestoreReport::default()));
+        };
+        if secret != engine.secret() {
+            return Err(PgError::SecretMismatch {
+                store: self.store.clone(),
+            });
         }
-        let behind = fresh || engine.is_empty() || self.is_behind(&engine).await?;
+        let behind = fresh || engine.is_empty() || self.is_behind(store_id, &engine).await?;
         if !behind {
             return Ok((engine, RestoreReport::default()));
         }
@@ -545,13 +499,15 @@ impl Postgres {
         }
         // Nobody else holds the engine yet, so every record logged from
         // here to the end is a restored one.
-        let report = self.restore_into(&engine, &progress, true).await?;
+        let report = self
+            .restore_into(store_id, &engine, &progress, true)
+            .await?;
         Ok((engine, report))
     }
 
     /// Whether another log of this store checkpointed after this one did
     /// (or this one never did).
-    async fn is_behind(&self, engine: &Engine) -> Result<bool, PgError> {
+    async fn is_behind(&self, store_id: i32, engine: &Engine) -> Result<bool, PgError> {
         let log_key = engine.require_log()?.to_le_bytes().to_vec();
         self.hosts
             .run("compare checkpoints", |pool| {
@@ -559,11 +515,11 @@ impl Postgres {
                 async move {
                     let behind: bool = sqlx::query(
                         "SELECT coalesce(
-                           (SELECT max(updated_at) FROM seen_checkpoints WHERE store = $1 AND log_id <> $2)
-                             > (SELECT updated_at FROM seen_checkpoints WHERE store = $1 AND log_id = $2),
-                           NOT EXISTS (SELECT 1 FROM seen_checkpoints WHERE store = $1 AND log_id = $2))",
+                           (SELECT max(updated_at) FROM seen_checkpoints WHERE store_id = $1 AND log_id <> $2)
+                             > (SELECT updated_at FROM seen_checkpoints WHERE store_id = $1 AND log_id = $2),
+                           NOT EXISTS (SELECT 1 FROM seen_checkpoints WHERE store_id = $1 AND log_id = $2))",
                     )
-                    .bind(&self.store)
+                    .bind(store_id)
                     .bind(&log_key)
                     .fetch_one(&pool)
                     .await?
@@ -575,11 +531,21 @@ impl Postgres {
     }
 
     /// Load every live mark of the store into `engine` (marks it already
-    /// has are left alone). The engine may be in use meanwhile; the next
-    /// checkpoint sends the loaded marks back once (an idempotent no-op
-    /// for the rows). [`Postgres::open`] avoids that.
+    /// has are left alone), and apply the store's forgets. The engine may
+    /// be in use meanwhile; the next checkpoint then sends the loaded marks
+    /// back once. [`Postgres::open`] avoids that.
     pub async fn restore(&self, engine: &Engine) -> Result<RestoreReport, PgError> {
-        self.restore_into(engine, &|_, _| {}, false).await
+        let Some((store_id, secret)) = self.stored().await? else {
+            return Err(PgError::NoCheckpoint {
+                store: self.store.clone(),
+            });
+        };
+        if secret != engine.secret() {
+            return Err(PgError::SecretMismatch {
+                store: self.store.clone(),
+            });
+        }
+        self.restore_into(store_id, engine, &|_, _| {}, false).await
     }
 
     /// [`Postgres::restore`]; with `advance`, record this log as
@@ -587,6 +553,7 @@ impl Postgres {
     /// in it is checkpointed or restored).
     async fn restore_into(
         &self,
+        store_id: i32,
         engine: &Engine,
         progress: &dyn Fn(u64, u64),
         advance: bool,
@@ -597,67 +564,134 @@ impl Postgres {
                 let log_key = log_key.clone();
                 async move {
                     let started = Instant::now();
-                    let now = crate::ttl::clock::Clock::now_unix_secs(&crate::ttl::clock::SystemClock);
-                    let total: i64 = sqlx::query(
-                        "SELECT count(*) FROM seen_marks WHERE store = $1 AND expires_at > $2",
-                    )
-                    .bind(&self.store)
-                    .bind(now as i64)
-                    .fetch_one(&pool)
-                    .await?
-                    .try_get(0)?;
+                    let now = clamp(crate::ttl::clock::Clock::now_unix_secs(
+                        &crate::ttl::clock::SystemClock,
+                    ));
+                    let live = "SELECT fingerprint, expires_at FROM seen_marks
+                                  WHERE store_id = $1 AND expires_at > $2
+                                UNION ALL
+                                SELECT fingerprint, expires_at FROM seen_tx_marks
+                                  WHERE store_id = $1 AND expires_at > $2";
+                    let total: i64 = sqlx::query(&format!("SELECT count(*) FROM ({live}) l"))
+                        .bind(store_id)
+                        .bind(now)
+                        .fetch_one(&pool)
+                        .await?
+                        .try_get(0)?;
                     progress(0, total as u64);
                     let mut conn = pool.acquire().await?;
-                    let mut rows = sqlx::query(
-                        "SELECT fingerprint, expires_at FROM seen_marks WHERE store = $1 AND expires_at > $2",
-                    )
-                    .bind(&self.store)
-                    .bind(now as i64)
-                    .fetch(&mut *conn);
                     let mut report = RestoreReport {
                         restored: true,
                         ..RestoreReport::default()
                     };
-                    let mut batch = Vec::with_capacity(CHUNK);
-                    while let Some(row) = rows.try_next().await? {
-                        let fp: &[u8] = row.try_get(0)?;
-                        let expires: i64 = row.try_get(1)?;
-                        let Ok(fp) = <[u8; 16]>::try_from(fp) else {
-                            tracing::warn!(store = %self.store, "seen: skipped a malformed fingerprint row");
-                            continue;
-                        };
-                        batch.push((Fingerprint::from_le_bytes(fp), expires.max(0) as u64));
-                        report.rows += 1;
-                        if batch.len() == CHUNK {
-                            report.loaded += engine.load_marks(&batch)? as u64;
-                            batch.clear();
-                            progress(report.rows, total as u64);
+                    {
+                        let mut rows = sqlx::query(live)
+                            .bind(store_id)
+                            .bind(now)
+                            .fetch(&mut *conn);
+                        let mut batch = Vec::with_capacity(CHUNK);
+                        while let Some(row) = rows.try_next().await? {
+                            let fp: uuid::Uuid = row.try_get(0)?;
+                            let expires: i64 = row.try_get(1)?;
+                            batch.push((Fingerprint::from_le_bytes(*fp.as_bytes()), expires as u64));
+                            report.rows += 1;
+                            if batch.len() == CHUNK {
+                                report.loaded += engine.load_marks(&batch)? as u64;
+                                batch.clear();
+                                progress(report.rows, total as u64);
+                            }
                         }
+                        report.loaded += engine.load_marks(&batch)? as u64;
+                        progress(report.rows, total as u64);
                     }
-                    drop(rows);
-                    report.loaded += engine.load_marks(&batch)? as u64;
-                    progress(report.rows, total as u64);
-                    if !advance {
-                        report.duration = started.elapsed();
-                        return Ok(report);
-                    }
-                    // Everything in the log now is in the database already.
-                    let position = engine.durable_position().map_or(0, |p| p.as_u64());
-                    sqlx::query(
-                        "INSERT INTO seen_checkpoints (store, log_id, position) VALUES ($1, $2, $3)
-                         ON CONFLICT (store, log_id) DO UPDATE SET position = GREATEST(seen_checkpoints.position, EXCLUDED.position), updated_at = now()",
+                    // Forgets later than every live mark of their id.
+                    let forgotten: Vec<uuid::Uuid> = sqlx::query_scalar(
+                        "WITH t AS (
+                           SELECT fingerprint, max(batch) AS b FROM seen_marks
+                           WHERE store_id = $1 AND expires_at < -$2 GROUP BY fingerprint)
+                         SELECT t.fingerprint FROM t WHERE NOT EXISTS (
+                           SELECT 1 FROM seen_marks m WHERE m.store_id = $1
+                             AND m.fingerprint = t.fingerprint AND m.expires_at > $2 AND m.batch > t.b)",
                     )
-                    .bind(&self.store)
-                    .bind(&log_key)
-                    .bind(position as i64)
-                    .execute(&mut *conn)
+                    .bind(store_id)
+                    .bind(now)
+                    .fetch_all(&mut *conn)
                     .await?;
+                    let forgotten: Vec<Fingerprint> = forgotten
+                        .iter()
+                        .map(|u| Fingerprint::from_le_bytes(*u.as_bytes()))
+                        .collect();
+                    report.forgotten = engine.forget_fingerprints(&forgotten)? as u64;
+                    if advance {
+                        // Everything in the log now is in the database already.
+                        let position = engine.durable_position().map_or(0, |p| p.as_u64());
+                        sqlx::query(
+                            "INSERT INTO seen_checkpoints (store_id, log_id, position) VALUES ($1, $2, $3)
+                             ON CONFLICT (store_id, log_id) DO UPDATE
+                               SET position = GREATEST(seen_checkpoints.position, EXCLUDED.position), updated_at = now()",
+                        )
+                        .bind(store_id)
+                        .bind(&log_key)
+                        .bind(position as i64)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
                     report.duration = started.elapsed();
                     Ok(report)
                 }
             })
             .await
     }
+}
+
+/// Unix seconds as PostgreSQL's `bigint`.
+fn clamp(secs: u64) -> i64 {
+    secs.min(i64::MAX as u64) as i64
+}
+
+/// Append one folded chunk to `seen_marks` with binary `COPY`, as one
+/// batch; (marks, forgets) written.
+async fn write_chunk(
+    tx: &mut sqlx::PgConnection,
+    store_id: i32,
+    latest: &HashMap<u128, i64>,
+) -> Result<(u64, u64), PgError> {
+    let batch: i64 = sqlx::query("SELECT nextval('seen_batch_seq')")
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+    // Binary COPY: a signature, flags and an empty header extension; per
+    // row a field count and length-prefixed big-endian fields; a trailer.
+    let mut copy = Vec::with_capacity(19 + latest.len() * 50 + 2);
+    copy.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    copy.extend_from_slice(&0i32.to_be_bytes());
+    copy.extend_from_slice(&0i32.to_be_bytes());
+    let (mut marks, mut forgets) = (0, 0);
+    for (&fp, &expires_at) in latest {
+        copy.extend_from_slice(&4i16.to_be_bytes());
+        copy.extend_from_slice(&4i32.to_be_bytes());
+        copy.extend_from_slice(&store_id.to_be_bytes());
+        copy.extend_from_slice(&16i32.to_be_bytes());
+        copy.extend_from_slice(&fp.to_le_bytes());
+        copy.extend_from_slice(&8i32.to_be_bytes());
+        copy.extend_from_slice(&expires_at.to_be_bytes());
+        copy.extend_from_slice(&8i32.to_be_bytes());
+        copy.extend_from_slice(&batch.to_be_bytes());
+        if expires_at > 0 {
+            marks += 1;
+        } else {
+            forgets += 1;
+        }
+    }
+    copy.extend_from_slice(&(-1i16).to_be_bytes());
+    let mut sink = tx
+        .copy_in_raw(
+            "COPY seen_marks (store_id, fingerprint, expires_at, batch) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    sink.send(copy).await?;
+    sink.finish().await?;
+    Ok((marks, forgets))
 }
 
 fn not_durable() -> crate::Error {

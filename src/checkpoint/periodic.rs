@@ -213,12 +213,12 @@ fn note(shared: &Shared, started: Instant, result: &Result<CheckpointReport, PgE
     match result {
         Ok(r) => {
             shared.checkpoints.fetch_add(1, Relaxed);
-            shared.rows.fetch_add(r.upserted + r.forgotten, Relaxed);
+            shared.rows.fetch_add(r.written + r.forgotten, Relaxed);
             // Seconds behind count from the start of this checkpoint.
             let at = started.elapsed().saturating_sub(r.duration);
             shared.behind_since_ms.store(at.as_millis() as u64, Relaxed);
-            if r.upserted > 0 && !r.duration.is_zero() {
-                let rate = r.upserted as f64 / r.duration.as_secs_f64();
+            if r.written > 0 && !r.duration.is_zero() {
+                let rate = r.written as f64 / r.duration.as_secs_f64();
                 shared.rows_per_second_bits.store(rate.to_bits(), Relaxed);
             }
             if shared.failing.swap(false, Relaxed) {

@@ -65,26 +65,28 @@ impl Postgres {
         if engine.contains_fingerprint(fingerprint) {
             return Ok(mark(Verdict::Duplicate));
         }
-        if !self.registered.load(Acquire) {
+        let mut store_id = self.store_id.load(Acquire);
+        if store_id == 0 {
             // Outside the caller's transaction: registering takes the
             // store row's lock, which must not be held until their commit.
             let secret = engine.secret();
-            self.hosts
+            store_id = self
+                .hosts
                 .run("register the store", |pool| async move {
                     let mut conn = pool.acquire().await?;
                     self.ensure_store(&mut conn, secret).await
                 })
                 .await?;
-            self.registered.store(true, Release);
+            self.store_id.store(store_id, Release);
         }
         let inserted = sqlx::query(
-            "INSERT INTO seen_marks (store, fingerprint, expires_at) VALUES ($1, $2, $3)
-             ON CONFLICT (store, fingerprint) DO UPDATE SET expires_at = EXCLUDED.expires_at
-             WHERE seen_marks.expires_at <= $4
+            "INSERT INTO seen_tx_marks (store_id, fingerprint, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (store_id, fingerprint) DO UPDATE SET expires_at = EXCLUDED.expires_at
+             WHERE seen_tx_marks.expires_at <= $4
              RETURNING 1",
         )
-        .bind(&self.store)
-        .bind(fingerprint.to_le_bytes().as_slice())
+        .bind(store_id)
+        .bind(uuid::Uuid::from_bytes(fingerprint.to_le_bytes()))
         .bind(expiry_unix_secs as i64)
         .bind(now as i64)
         .fetch_optional(&mut *tx)

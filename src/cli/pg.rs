@@ -138,7 +138,7 @@ pub(crate) fn run(cmd: PgCommand) -> anyhow::Result<ExitCode> {
             if !a.quiet {
                 eprintln!(
                     "seen pg checkpoint: {} log records → {} rows written, {} deleted (forgotten), {} expired rows removed in {:.3} s",
-                    r.records, r.upserted, r.forgotten, r.expired, r.duration.as_secs_f64()
+                    r.records, r.written, r.forgotten, r.expired, r.duration.as_secs_f64()
                 );
             }
         }

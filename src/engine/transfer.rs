@@ -70,6 +70,27 @@ impl Engine {
         Ok(fresh.len())
     }
 
+    /// Forget fingerprints (a checkpoint's forgets, on restore); how many
+    /// were marked. Durable when it returns.
+    pub(crate) fn forget_fingerprints(&self, fps: &[Fingerprint]) -> Result<usize> {
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        let mut forgotten = 0;
+        let mut last = None;
+        for &fp in fps {
+            if let Some(expiry) = self.inner.set.forget(fp, now, guard) {
+                forgotten += 1;
+                if let Some(d) = &self.inner.durable {
+                    last = Some(d.append_forget(fp, expiry, guard)?);
+                }
+            }
+        }
+        if let (Some(d), Some(pos)) = (&self.inner.durable, last) {
+            d.wal.wait_durable(pos)?;
+        }
+        Ok(forgotten)
+    }
+
     /// A durable engine's log, or the error a checkpoint reports without one.
     pub(crate) fn require_log(&self) -> Result<u128> {
         self.log_id().ok_or_else(|| {
