@@ -38,6 +38,11 @@ fn main() {
             bad_connections,
         ),
         ("the_cli_migrates_checkpoints_restores_and_imports", cli),
+        #[cfg(feature = "kafka")]
+        (
+            "a_partition_moves_between_hosts_with_duplicates_in_flight",
+            kafka_hand_off::partition_moves_between_hosts,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -679,4 +684,168 @@ fn cli(c: &Cluster, _rt: &tokio::runtime::Runtime) {
         err.contains("password authentication failed") && !err.contains("nope-not-it"),
         "{err}"
     );
+}
+
+/// Partition scope across hosts: two consumers of one group, each with its
+/// own state directory, sharing only PostgreSQL. The second joins
+/// mid-stream; a partition moves to it, and duplicates of ids the first
+/// handled keep arriving on that partition. None may be handled twice.
+#[cfg(feature = "kafka")]
+mod kafka_hand_off {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, Message, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use seen::checkpoint::PgOptions;
+    use seen::kafka::{DedupConsumer, DedupConsumerConfig, PartitionCheckpoint, Scope};
+
+    use super::Cluster;
+
+    const TOPIC: &str = "orders";
+    type Seen = Arc<Mutex<HashMap<String, u32>>>;
+
+    pub fn partition_moves_between_hosts(c: &Cluster, rt: &tokio::runtime::Runtime) {
+        let url = c.create_db("handoff_kafka");
+        rt.block_on(async {
+            let pg = seen::checkpoint::Postgres::new(PgOptions::new(&url, "x")).unwrap();
+            pg.migrate().await.unwrap();
+        });
+        rt.block_on(run(&url));
+    }
+
+    fn config(brokers: &str, url: &str) -> DedupConsumerConfig {
+        let mut c = DedupConsumerConfig::new(brokers, "hosts", &[TOPIC]);
+        c.commit_interval = Duration::from_millis(100);
+        c.properties = vec![("session.timeout.ms".into(), "6000".into())];
+        let mut postgres = PgOptions::new(url, "billing");
+        postgres.connect_timeout = Duration::from_secs(2);
+        c.checkpoint = Some(PartitionCheckpoint {
+            postgres,
+            every: Duration::from_millis(200),
+        })
+        // NO_HANDOFF=1 shows this test failing without the hand-off.
+        .filter(|_| std::env::var_os("NO_HANDOFF").is_none());
+        c
+    }
+
+    fn scope(dir: &std::path::Path) -> Scope {
+        Scope::Partition {
+            dir: dir.to_path_buf(),
+            engine: seen::Config::from_vars([("SEEN_DURABILITY", "none")]).unwrap(),
+        }
+    }
+
+    type Handled =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), std::io::Error>> + Send>>;
+
+    /// Records `partition:id` of every message handled.
+    fn handler(
+        seen: Seen,
+    ) -> impl Fn(Arc<rdkafka::message::OwnedMessage>) -> Handled + Send + Sync + 'static {
+        move |msg| {
+            let seen = Arc::clone(&seen);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let p = format!(
+                    "{}:{}",
+                    msg.partition(),
+                    String::from_utf8_lossy(msg.payload().unwrap_or_default())
+                );
+                *seen.lock().unwrap().entry(p).or_default() += 1;
+                Ok(())
+            })
+        }
+    }
+
+    async fn run(url: &str) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 2, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        // Message i goes to partition i % 2; every third id comes again 80
+        // messages later, on its own partition.
+        let mut msgs = Vec::new();
+        for i in 0..800usize {
+            let n = if i >= 80 && i % 3 == 0 { i - 80 } else { i };
+            msgs.push(format!("s-{n}"));
+        }
+        let distinct: std::collections::HashSet<String> = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, id)| format!("{}:{id}", i % 2))
+            .collect();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        for (i, id) in msgs.iter().enumerate() {
+            let record = FutureRecord::<str, str>::to(TOPIC)
+                .payload(id)
+                .partition((i % 2) as i32)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "idempotency_key",
+                    value: Some(id.as_bytes()),
+                }));
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let seen: Seen = Arc::default();
+        let a = DedupConsumer::with_scope(config(&brokers, url), scope(dir_a.path())).unwrap();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let b_task = {
+            let (seen, brokers, url) = (Arc::clone(&seen), brokers.clone(), url.to_owned());
+            let dir = dir_b.path().to_path_buf();
+            tokio::spawn(async move {
+                while seen.lock().unwrap().len() < 100 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let b = DedupConsumer::with_scope(config(&brokers, &url), scope(&dir)).unwrap();
+                let mut done = done_rx.clone();
+                let r = b
+                    .run(handler(seen), async move {
+                        let _ = done.wait_for(|d| *d).await;
+                    })
+                    .await;
+                (
+                    r,
+                    b.stats()
+                        .received
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+        };
+        let stop_a = {
+            let seen = Arc::clone(&seen);
+            let want = distinct.len();
+            async move {
+                for _ in 0..6000 {
+                    if seen.lock().unwrap().len() == want {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = done_tx.send(true);
+            }
+        };
+        a.run(handler(Arc::clone(&seen)), stop_a).await.unwrap();
+        drop(a);
+        let (b_result, b_received) = b_task.await.unwrap();
+        b_result.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), distinct.len(), "none skipped");
+        let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "handled twice across the hand-off: {twice:?}"
+        );
+        assert!(b_received > 0, "the second host took a partition over");
+    }
 }

@@ -97,6 +97,14 @@ pub enum PgError {
         /// The store name.
         store: String,
     },
+    /// Another process held the store's lease for the whole wait.
+    #[error("store {store:?} is still in use by another process (its lease was not released within {waited:?})")]
+    Leased {
+        /// The store name.
+        store: String,
+        /// How long we waited.
+        waited: Duration,
+    },
     /// Restore found nothing to restore from.
     #[error("PostgreSQL has no checkpoint of store {store:?}")]
     NoCheckpoint {
@@ -233,6 +241,20 @@ pub struct RestoreReport {
     pub duration: Duration,
 }
 
+/// Exclusive use of a store across hosts while held: a session-level
+/// advisory lock on a connection of its own. Dropping it closes the
+/// connection, which releases the lock; a host that dies releases it when
+/// the server notices the dead connection (keepalives: about 25 s).
+pub struct Lease {
+    _conn: sqlx::PgConnection,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease")
+    }
+}
+
 /// A store's PostgreSQL connection: checkpoint, restore, import, and marks
 /// inside the caller's transactions. Cheap to share behind an `Arc`.
 pub struct Postgres {
@@ -295,6 +317,44 @@ impl Postgres {
                 |pool| async move { schema::migrate(&pool).await },
             )
             .await
+    }
+
+    /// Take the store's lease, waiting up to `wait` for its holder (the
+    /// previous owner of a Kafka partition, finishing its last checkpoint)
+    /// to release it.
+    pub async fn lease(&self, wait: Duration) -> Result<Lease, PgError> {
+        let deadline = Instant::now() + wait;
+        let mut conn = self
+            .hosts
+            .run("lease the store", |pool| async move {
+                let mut conn = pool.acquire().await?.detach();
+                // Notice a dead holder in about 25 s, not TCP's 2 hours.
+                sqlx::raw_sql(
+                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+                )
+                .execute(&mut conn)
+                .await?;
+                Ok(conn)
+            })
+            .await?;
+        let key = format!("seen-store:{}", self.store);
+        loop {
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&key)
+                    .fetch_one(&mut conn)
+                    .await?;
+            if got {
+                return Ok(Lease { _conn: conn });
+            }
+            if Instant::now() >= deadline {
+                return Err(PgError::Leased {
+                    store: self.store.clone(),
+                    waited: wait,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Close every connection.

@@ -105,6 +105,10 @@ pub struct DedupConsumerConfig {
     pub connect_timeout: Duration,
     /// Any other librdkafka property (`session.timeout.ms`, …).
     pub properties: Vec<(String, String)>,
+    /// In partition scope, checkpoint each partition's store to PostgreSQL
+    /// and restore it on assign (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    pub checkpoint: Option<super::scope::PartitionCheckpoint>,
 }
 
 impl DedupConsumerConfig {
@@ -124,6 +128,8 @@ impl DedupConsumerConfig {
             retry_backoff: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(10),
             properties: Vec::new(),
+            #[cfg(feature = "postgres")]
+            checkpoint: None,
         }
     }
 }
@@ -290,7 +296,13 @@ impl DedupConsumer {
 
     /// Connect and subscribe with an explicit [`Scope`].
     pub fn with_scope(config: DedupConsumerConfig, scope: Scope) -> Result<Self, ConsumeError> {
-        let stores = Arc::new(Stores::new(scope));
+        let stores = Stores::new(scope);
+        #[cfg(feature = "postgres")]
+        let stores = match config.checkpoint.clone() {
+            Some(c) => stores.with_checkpoints(c)?,
+            None => stores,
+        };
+        let stores = Arc::new(stores);
         let wants_dlq = config.on_invalid == InvalidMessages::DeadLetter
             || config.after_retries == AfterRetries::DeadLetter;
         let dead_letters = match (&config.dead_letter_topic, wants_dlq) {

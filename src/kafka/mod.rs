@@ -43,6 +43,8 @@ pub use producer::{
     Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,
     CORRELATION_ID_HEADER, EVENT_TYPE_HEADER,
 };
+#[cfg(feature = "postgres")]
+pub use scope::PartitionCheckpoint;
 pub use scope::Scope;
 
 /// A consumer configuration whose offsets move only when the caller says:

@@ -1,7 +1,11 @@
 //! Where a consumer's marks live: one engine for everything it reads
 //! (global scope), or one store per assigned topic-partition (partition
 //! scope), opened and replayed on assign, synced and closed on revoke, so a
-//! partition's state can move with the partition.
+//! partition's state can move with the partition. With a
+//! [`PartitionCheckpoint`] (feature `postgres`) it moves between hosts too:
+//! each partition store is checkpointed to PostgreSQL in the background,
+//! restored on assign when its local state is empty or behind, and
+//! checkpointed once more on revoke, before the next owner restores it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,12 +39,58 @@ pub enum Scope {
     },
 }
 
+/// Partition stores checkpointed to PostgreSQL (feature `postgres`): the
+/// store of `topic`/`partition` is named `{postgres.store}/{topic}/{partition}`.
+#[cfg(feature = "postgres")]
+#[derive(Clone, Debug)]
+pub struct PartitionCheckpoint {
+    /// The database, and the prefix of the store names.
+    pub postgres: crate::checkpoint::PgOptions,
+    /// Time between background checkpoints of each store.
+    pub every: Duration,
+}
+
+/// One open partition store.
+struct Open {
+    guard: Arc<IdempotencyGuard>,
+    /// Its checkpointer and lease, when partition stores go to PostgreSQL.
+    #[cfg(feature = "postgres")]
+    shared: Option<(crate::checkpoint::Checkpointer, crate::checkpoint::Lease)>,
+}
+
+/// How long a new owner waits for the previous one to release a
+/// partition store (its handlers finish, then its last checkpoint).
+#[cfg(feature = "postgres")]
+const LEASE_WAIT: Duration = Duration::from_secs(60);
+
 /// The open stores, by topic and partition.
 pub(crate) struct Stores {
     scope: Scope,
-    open: Mutex<HashMap<String, Vec<Option<Arc<IdempotencyGuard>>>>>,
+    open: Mutex<HashMap<String, Vec<Option<Open>>>>,
     /// Why a store could not be opened on assign; the loop stops with it.
     failure: Mutex<Option<String>>,
+    #[cfg(feature = "postgres")]
+    hand_off: Option<HandOff>,
+}
+
+/// PostgreSQL for partition stores: the settings and a runtime of its own
+/// (assign and revoke run inside the consumer's rebalance callback).
+#[cfg(feature = "postgres")]
+struct HandOff {
+    config: PartitionCheckpoint,
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for HandOff {
+    fn drop(&mut self) {
+        // The consumer may be dropped inside an async context, where a
+        // runtime must not block on its shutdown.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Attempts to open a partition's store while its previous owner (another
@@ -53,7 +103,30 @@ impl Stores {
             scope,
             open: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
+            #[cfg(feature = "postgres")]
+            hand_off: None,
         }
+    }
+
+    /// Checkpoint partition stores to PostgreSQL and restore them on assign.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn with_checkpoints(mut self, config: PartitionCheckpoint) -> Result<Stores, Error> {
+        // One worker that always runs: the pools it opens are shared with
+        // the checkpointers' own runtimes.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("seen-partition-pg")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::System {
+                what: "the partition checkpoint runtime",
+                source,
+            })?;
+        self.hand_off = Some(HandOff {
+            config,
+            runtime: Some(runtime),
+        });
+        Ok(self)
     }
 
     /// The guard for messages of `topic`/`partition`, if its store is open.
@@ -63,7 +136,10 @@ impl Stores {
             Scope::Partition { .. } => {
                 let open = self.open.lock();
                 let p = usize::try_from(partition).ok()?;
-                open.get(topic)?.get(p)?.as_ref().map(Arc::clone)
+                open.get(topic)?
+                    .get(p)?
+                    .as_ref()
+                    .map(|o| Arc::clone(&o.guard))
             }
         }
     }
@@ -82,36 +158,25 @@ impl Stores {
             return;
         }
         let path = dir.join(topic).join(partition.to_string());
-        let mut attempt = 0;
-        let opened = loop {
-            attempt += 1;
-            match engine.builder().open(&path) {
-                // Its previous owner on this host is still closing it.
-                Err(Error::Locked { .. }) if attempt < OPEN_ATTEMPTS => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                other => break other,
-            }
-        };
-        match opened {
-            Ok(e) => {
-                let report = e.recovery_report().map(|r| r.replayed).unwrap_or(0);
-                tracing::info!(
-                    topic,
-                    partition,
-                    replayed = report,
-                    "seen: partition store opened"
-                );
+        match self.open_store(engine, topic, partition, &path) {
+            Ok(store) => {
+                let replayed = store
+                    .guard
+                    .engine()
+                    .recovery_report()
+                    .map(|r| r.replayed)
+                    .unwrap_or(0);
+                tracing::info!(topic, partition, replayed, "seen: partition store opened");
                 let mut open = self.open.lock();
                 let slots = match open.get_mut(topic) {
                     Some(v) => v,
                     None => open.entry(topic.to_owned()).or_default(),
                 };
                 if slots.len() <= p {
-                    slots.resize(p + 1, None);
+                    slots.resize_with(p + 1, || None);
                 }
                 if let Some(slot) = slots.get_mut(p) {
-                    *slot = Some(Arc::new(IdempotencyGuard::new(Arc::new(e))));
+                    *slot = Some(store);
                 }
             }
             Err(e) => {
@@ -125,6 +190,95 @@ impl Stores {
         }
     }
 
+    /// Open (replay) a partition's store, retrying while its previous
+    /// owner on this host is still closing it; through PostgreSQL when
+    /// partition stores are checkpointed.
+    fn open_store(
+        &self,
+        engine: &Config,
+        topic: &str,
+        partition: i32,
+        path: &std::path::Path,
+    ) -> Result<Open, String> {
+        #[cfg(feature = "postgres")]
+        if let Some(h) = &self.hand_off {
+            return self.open_with_postgres(h, engine, topic, partition, path);
+        }
+        let _ = (topic, partition);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match engine.builder().open(path) {
+                // Its previous owner on this host is still closing it.
+                Err(Error::Locked { .. }) if attempt < OPEN_ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => return Err(e.to_string()),
+                Ok(e) => {
+                    return Ok(Open {
+                        guard: Arc::new(IdempotencyGuard::new(Arc::new(e))),
+                        #[cfg(feature = "postgres")]
+                        shared: None,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Open through PostgreSQL: take the store's lease (so the previous
+    /// owner has made its last checkpoint), restore if the local state is
+    /// empty or behind, then checkpoint in the background. PostgreSQL
+    /// unreachable means the store is not opened (the loop stops): opening
+    /// it from local state alone could let duplicates of another host's
+    /// marks in.
+    #[cfg(feature = "postgres")]
+    fn open_with_postgres(
+        &self,
+        h: &HandOff,
+        engine: &Config,
+        topic: &str,
+        partition: i32,
+        path: &std::path::Path,
+    ) -> Result<Open, String> {
+        use crate::checkpoint::{Checkpointer, PgError, Postgres};
+        let mut options = h.config.postgres.clone();
+        options.store = format!("{}/{topic}/{partition}", options.store);
+        options.partition = Some((topic.to_owned(), partition));
+        let pg = Arc::new(Postgres::new(options).map_err(|e| e.to_string())?);
+        let runtime = h.runtime.as_ref().ok_or("the consumer is closing")?;
+        let lease = on_side_thread(|| runtime.block_on(pg.lease(LEASE_WAIT)))?
+            .map_err(|e| e.to_string())?;
+        let mut attempt = 0;
+        let (engine, report) = loop {
+            attempt += 1;
+            let opened =
+                on_side_thread(|| runtime.block_on(pg.open(engine.builder(), path, |_, _| {})))?;
+            match opened {
+                Err(PgError::Engine(Error::Locked { .. })) if attempt < OPEN_ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => return Err(e.to_string()),
+                Ok(opened) => break opened,
+            }
+        };
+        if report.restored {
+            tracing::info!(
+                topic,
+                partition,
+                rows = report.rows,
+                loaded = report.loaded,
+                "seen: partition store restored from PostgreSQL"
+            );
+        }
+        let engine = Arc::new(engine);
+        let checkpointer = Checkpointer::start(pg, Arc::clone(&engine), h.config.every, None)
+            .map_err(|e| e.to_string())?;
+        Ok(Open {
+            guard: Arc::new(IdempotencyGuard::new(engine)),
+            shared: Some((checkpointer, lease)),
+        })
+    }
+
     /// Close the store of a revoked partition (after its marks were synced
     /// and its offsets committed). Handlers still running keep it alive
     /// until they finish; then its directory lock is released.
@@ -136,9 +290,13 @@ impl Stores {
                 .get_mut(topic)
                 .and_then(|v| v.get_mut(p))
                 .and_then(Option::take);
-            if let Some(g) = closed {
-                if let Err(e) = g.engine().sync() {
+            if let Some(store) = closed {
+                if let Err(e) = store.guard.engine().sync() {
                     tracing::error!(topic, partition, error = %e, "seen: closing a partition store");
+                }
+                #[cfg(feature = "postgres")]
+                if let Some(shared) = store.shared {
+                    release_when_idle(topic, partition, store.guard, shared);
                 }
             }
         }
@@ -155,7 +313,7 @@ impl Stores {
                     .values()
                     .flatten()
                     .flatten()
-                    .cloned()
+                    .map(|o| Arc::clone(&o.guard))
                     .collect();
                 guards.iter().try_for_each(|g| g.engine().sync())
             }
@@ -165,5 +323,47 @@ impl Stores {
     /// Why a store could not be opened, if one could not.
     pub(crate) fn failure(&self) -> Option<String> {
         self.failure.lock().clone()
+    }
+}
+
+/// Run `f` on a thread of its own: assign runs inside the consumer's
+/// rebalance callback, possibly on a runtime's worker, where blocking on
+/// another runtime is not allowed.
+#[cfg(feature = "postgres")]
+fn on_side_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, String> {
+    std::thread::scope(|s| s.spawn(f).join()).map_err(|_| "a PostgreSQL call panicked".to_string())
+}
+
+/// Hand a revoked partition's store over: once the handlers still running
+/// on it have finished (they may still mark), sync, checkpoint a last time
+/// and release the lease, so the next owner restores every mark. In the
+/// background: the rebalance callback must not wait for handlers that the
+/// loop polls only after it returns. Bounded by [`LEASE_WAIT`].
+#[cfg(feature = "postgres")]
+fn release_when_idle(
+    topic: &str,
+    partition: i32,
+    guard: Arc<IdempotencyGuard>,
+    (checkpointer, lease): (crate::checkpoint::Checkpointer, crate::checkpoint::Lease),
+) {
+    let what = format!("{topic}/{partition}");
+    let spawned = std::thread::Builder::new()
+        .name("seen-hand-off".into())
+        .spawn(move || {
+            let deadline = std::time::Instant::now() + LEASE_WAIT;
+            while Arc::strong_count(&guard) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = guard.engine().sync() {
+                tracing::error!(partition = %what, error = %e, "seen: closing a partition store");
+            }
+            if let Some(e) = checkpointer.stop() {
+                tracing::error!(partition = %what, error = %e, "seen: the last checkpoint of a revoked partition failed; its next owner may repeat handlers");
+            }
+            drop(guard);
+            drop(lease);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "seen: could not start the hand-off thread; checkpointing now");
     }
 }

@@ -28,6 +28,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
         Ok(bytes.get(..len).unwrap_or(&bytes).to_vec())
     }
     /// `len` bytes of a file from `offset` (fewer at its end), copied.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     fn read_range(&self, name: &str, offset: usize, len: usize) -> io::Result<Vec<u8>> {
         let bytes = self.read(name)?;
         let start = offset.min(bytes.len());
