@@ -46,6 +46,9 @@ pub(crate) struct KafkaArgs {
     producer_property: Vec<(String, String)>,
     #[command(flatten)]
     engine: EngineArgs,
+    #[cfg(feature = "postgres")]
+    #[command(flatten)]
+    pg: super::pg::PgArgs,
     /// No summary on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -109,6 +112,16 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     // Marks in their own store; output positions beside it.
     config.state_dir = Some(state.join("marks"));
+    #[cfg(feature = "postgres")]
+    let attached = {
+        let plain = config.clone();
+        super::pg::Attached::open_config(&args.pg, config, args.quiet, move || {
+            Ok(std::sync::Arc::new(plain.open()?))
+        })?
+    };
+    #[cfg(feature = "postgres")]
+    let engine = std::sync::Arc::clone(&attached.engine);
+    #[cfg(not(feature = "postgres"))]
     let engine = config.open()?;
     let stage_config = StageConfig {
         ids: args.id,
@@ -141,6 +154,11 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
             summary.invalid,
             started.elapsed().as_secs_f64()
         );
+    }
+    #[cfg(feature = "postgres")]
+    {
+        drop(engine);
+        attached.finish()?;
     }
     match outcome {
         Ok(read_back) => {

@@ -199,9 +199,21 @@ pub(crate) fn open(
     quiet: bool,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Option<Postgres>, Arc<Engine>, Option<RestoreReport>)> {
-    let config = engine.config()?;
-    let Some(p) = pg.postgres(&config)? else {
-        return Ok((None, engine.open_engine(quiet, "pg")?, None));
+    open_config(pg, &engine.config()?, quiet, rt, || {
+        engine.open_engine(quiet, "pg")
+    })
+}
+
+/// [`open`] for settings already read; `plain` opens without PostgreSQL.
+fn open_config(
+    pg: &PgArgs,
+    config: &Config,
+    quiet: bool,
+    rt: &tokio::runtime::Runtime,
+    plain: impl FnOnce() -> anyhow::Result<Arc<Engine>>,
+) -> anyhow::Result<(Option<Postgres>, Arc<Engine>, Option<RestoreReport>)> {
+    let Some(p) = pg.postgres(config)? else {
+        return Ok((None, plain()?, None));
     };
     let Some(dir) = &config.state_dir else {
         bail!("--postgres needs a state directory (--state DIR or SEEN_STATE_DIR)");
@@ -236,10 +248,21 @@ pub(crate) struct Attached {
 
 impl Attached {
     pub(crate) fn open(pg: &PgArgs, engine: &EngineArgs, quiet: bool) -> anyhow::Result<Attached> {
+        let config = engine.config()?;
+        Self::open_config(pg, config, quiet, || engine.open_engine(quiet, "filter"))
+    }
+
+    /// [`Attached::open`] for settings already read; `plain` opens
+    /// without PostgreSQL.
+    pub(crate) fn open_config(
+        pg: &PgArgs,
+        config: Config,
+        quiet: bool,
+        plain: impl FnOnce() -> anyhow::Result<Arc<Engine>>,
+    ) -> anyhow::Result<Attached> {
         let rt = runtime()?;
         let _in_runtime = rt.enter();
-        let config = engine.config()?;
-        let (p, engine, _) = open(pg, engine, quiet, &rt)?;
+        let (p, engine, _) = open_config(pg, &config, quiet, &rt, plain)?;
         let checkpointer = match p {
             None => None,
             Some(p) => Some(Checkpointer::start(
