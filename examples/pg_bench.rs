@@ -13,9 +13,13 @@
 //!   for the whole stream: it runs for `SEEN_PG_PER_EVENT_SECS` (default
 //!   20 s) and its rate is reported.
 //! * **batched**: the same, 1000 ids per statement (`unnest`), 1 connection.
-//! * **seen**: `check_and_insert` per event on a `Periodic` (10 ms) engine,
-//!   with a background checkpointer (every second) and a final checkpoint;
-//!   the clock stops when the last checkpoint has committed.
+//! * **seen**: a `Periodic` (10 ms) engine with a background checkpointer
+//!   (every 100 ms, so checkpoints run while events are decided), first with
+//!   `check_and_insert` per event, then with `check_and_insert_batch` (1000
+//!   ids per call, as a consumer deciding a poll's worth would). Reported:
+//!   the rate at which events are decided while checkpoints run, and the
+//!   end-to-end rate until the last checkpoint has committed (what the
+//!   checkpoint can sustain: every distinct id is a row in PostgreSQL).
 //!
 //! Then a checkpoint of M marks (rows/s) and the restore of those M marks
 //! into an empty state directory (seconds).
@@ -162,45 +166,77 @@ fn main() {
 
     let p = Arc::new(Postgres::new(PgOptions::new(&url, "bench")).unwrap());
     rt.block_on(p.migrate()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Arc::new(
-        Engine::builder()
-            .durability(Durability::Periodic(Duration::from_millis(10)))
-            .open(dir.path())
+    for batched_calls in [false, true] {
+        let p = Arc::new(
+            Postgres::new(PgOptions::new(
+                &url,
+                if batched_calls {
+                    "bench-batch"
+                } else {
+                    "bench-single"
+                },
+            ))
             .unwrap(),
-    );
-    let started = Instant::now();
-    let cp = {
-        let _rt = rt.enter();
-        Checkpointer::start(
-            Arc::clone(&p),
-            Arc::clone(&engine),
-            Duration::from_secs(1),
-            None,
-        )
-        .unwrap()
-    };
-    let mut new = 0;
-    for id in &ids {
-        if engine.check_and_insert(id).unwrap() == Verdict::New {
-            new += 1;
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(
+            Engine::builder()
+                .durability(Durability::Periodic(Duration::from_millis(10)))
+                .open(dir.path())
+                .unwrap(),
+        );
+        let started = Instant::now();
+        let cp = {
+            let _rt = rt.enter();
+            Checkpointer::start(
+                Arc::clone(&p),
+                Arc::clone(&engine),
+                Duration::from_millis(100),
+                None,
+            )
+            .unwrap()
+        };
+        let mut new = 0;
+        if batched_calls {
+            let mut out = Vec::with_capacity(1000);
+            for chunk in ids.chunks(1000) {
+                out.clear();
+                engine.check_and_insert_batch_into(chunk, &mut out).unwrap();
+                new += out.iter().filter(|v| **v == Verdict::New).count();
+            }
+        } else {
+            for id in &ids {
+                if engine.check_and_insert(id).unwrap() == Verdict::New {
+                    new += 1;
+                }
+            }
         }
+        let decided = started.elapsed();
+        let during = cp.status().checkpoints;
+        assert!(cp.stop().is_none());
+        let total = started.elapsed();
+        assert_eq!(new, distinct);
+        let rate = n as f64 / decided.as_secs_f64();
+        let end_to_end = n as f64 / total.as_secs_f64();
+        let how = if batched_calls {
+            "batch of 1000"
+        } else {
+            "per event    "
+        };
+        println!(
+            "seen, {how}     : {rate:>12.0} events/s decided ({during} checkpoints meanwhile); {end_to_end:.0} events/s until the last checkpoint committed ({:.3} s)",
+            total.as_secs_f64()
+        );
+        println!(
+            "  ratios decided: {:.0}x per event (1 conn), {:.0}x per event (8 conns), {:.1}x batched; end to end: {:.0}x, {:.0}x, {:.1}x",
+            rate / per1,
+            rate / per8,
+            rate / batch,
+            end_to_end / per1,
+            end_to_end / per8,
+            end_to_end / batch
+        );
     }
-    let marked = started.elapsed();
-    assert!(cp.stop().is_none());
-    let seen_rate = n as f64 / started.elapsed().as_secs_f64();
-    assert_eq!(new, distinct);
-    println!(
-        "seen + checkpoints      : {seen_rate:>12.0} events/s (marking {:.3} s, until the last checkpoint committed {:.3} s)",
-        marked.as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "ratios: {:.0}x per event (1 conn), {:.0}x per event (8 conns), {:.1}x batched",
-        seen_rate / per1,
-        seen_rate / per8,
-        seen_rate / batch
-    );
 
     // Checkpoint and restore of M marks.
     let big_dir = tempfile::tempdir().unwrap();

@@ -109,6 +109,12 @@ impl Histogram {
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
 
+    /// Observations so far, and their total in nanoseconds.
+    pub(crate) fn count_and_sum_nanos(&self) -> (u64, u64) {
+        let count = self.counts.iter().map(|c| c.load(Relaxed)).sum();
+        (count, self.sum_nanos.load(Relaxed))
+    }
+
     #[cfg(feature = "metrics")]
     pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let mut buckets = Vec::with_capacity(self.counts.len());

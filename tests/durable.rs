@@ -185,10 +185,15 @@ fn torn_tail_is_cut_by_default_and_refused_under_absolute_consistency() {
     assert_eq!(r.truncated_bytes, 32);
     assert!(!e.contains(19u32.to_le_bytes()).unwrap());
     assert!(e.contains(18u32.to_le_bytes()).unwrap());
+    // Appends go where the cut was, and survive.
+    for i in 1000..1010u32 {
+        assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
+    }
     drop(e);
     // The cut was made durable: now the log is clean even for the strict mode.
     let e = open_with(dir.path(), &clock, RecoveryMode::AbsoluteConsistency).unwrap();
-    assert_eq!(e.len(), 19);
+    assert_eq!(e.len(), 29);
+    assert!(e.contains(1009u32.to_le_bytes()).unwrap());
 }
 
 #[test]

@@ -110,6 +110,37 @@ fn failed_msync_poisons_for_good() {
 }
 
 #[test]
+fn failed_pwrite_poisons_and_keeps_no_phantom() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut acked = Vec::new();
+    {
+        // `Sync` stages appends and writes them with pwrite at the group
+        // commit: a failed write poisons the log, and the id is not
+        // acknowledged.
+        let e = open(dir.path()).unwrap();
+        for i in 0..10u32 {
+            assert!(e.check_and_insert(i.to_le_bytes()).unwrap().is_new());
+            acked.push(i);
+        }
+        fail::cfg("wal::pwrite", "return").unwrap();
+        let err = e.check_and_insert(10u32.to_le_bytes()).unwrap_err();
+        assert!(
+            matches!(err, Error::Poisoned { ref reason } if reason.contains("pwrite")),
+            "{err:?}"
+        );
+        fail::remove("wal::pwrite");
+        assert!(matches!(
+            e.check_and_insert(11u32.to_le_bytes()),
+            Err(Error::Poisoned { .. })
+        ));
+    }
+    reopen_has_all(dir.path(), &acked);
+    let e = open(dir.path()).unwrap();
+    assert!(!e.contains(10u32.to_le_bytes()).unwrap(), "no phantom");
+}
+
+#[test]
 fn failed_rename_write_or_dir_sync_at_rollover_poisons() {
     for point in ["wal::rename", "wal::sync_dir", "wal::write"] {
         let _s = FailScenario::setup();

@@ -60,6 +60,39 @@ fn event_id(thread: u64, k: u64, out: &mut [u8; 36]) {
     }
 }
 
+/// The disk's own cost of what a sync does: `pwrite` `bytes` at the end of
+/// a zero-filled, preallocated 64 MiB scratch file beside the store, then
+/// `fdatasync`, 200 times; (p50, mean) in microseconds.
+fn disk_baseline(dir: &std::path::Path, bytes: usize) -> std::io::Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("disk-baseline.tmp");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    const SIZE: usize = 64 << 20;
+    let zeros = vec![0u8; 1 << 20];
+    for at in (0..SIZE).step_by(zeros.len()) {
+        file.write_all_at(&zeros, at as u64)?;
+    }
+    file.sync_all()?;
+    let data = vec![0x5au8; bytes.min(SIZE / 200)];
+    let mut took = Vec::with_capacity(200);
+    for i in 0..200 {
+        let t = Instant::now();
+        file.write_all_at(&data, (i * data.len()) as u64)?;
+        file.sync_data()?;
+        took.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let mean = took.iter().sum::<u64>() as f64 / took.len() as f64 / 1000.0;
+    took.sort_unstable();
+    Ok((percentile(&took, 0.5), mean))
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -145,6 +178,25 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         percentile(&all, 0.99),
         percentile(&all, 1.0)
     );
+    if stats.log_syncs > 0 {
+        let per_sync_us = stats.log_sync_nanos as f64 / stats.log_syncs as f64 / 1000.0;
+        let bytes_per_sync = (stats.log_bytes / stats.log_syncs).max(1) as usize;
+        println!(
+            "  syncs: {} ({:.0}/s), {:.1} new marks and {} bytes per sync, {:.1} us per sync",
+            stats.log_syncs,
+            stats.log_syncs as f64 / elapsed.as_secs_f64(),
+            stats.new as f64 / stats.log_syncs as f64,
+            bytes_per_sync,
+            per_sync_us
+        );
+        match disk_baseline(&dir, bytes_per_sync) {
+            Ok((p50, mean)) => println!(
+                "  disk baseline, same run: pwrite + fdatasync of {bytes_per_sync} bytes: p50 {p50:.1} us, mean {mean:.1} us; the log's syncs cost {:.2}x that",
+                per_sync_us / mean
+            ),
+            Err(e) => println!("  disk baseline: {e}"),
+        }
+    }
     println!(
         "  log: {} bytes in {} segments = {:.1} bytes on disk per live key",
         stats.log_bytes,

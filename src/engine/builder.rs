@@ -17,7 +17,8 @@ use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::{Clock, SystemClock};
 use crate::ttl::{SweepSchedule, Tick};
 use crate::wal::{
-    Opened, RecoveryMode, Wal, WalOptions, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+    Opened, RecoveryMode, Wal, WalOptions, WriteMode, DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
 };
 
 /// Configures an [`Engine`]. Start with [`Engine::builder`].
@@ -239,6 +240,7 @@ impl EngineBuilder {
                 mode: self.recovery_mode,
                 segment_size: self.segment_size,
                 secret: self.secret,
+                write_mode: write_mode(self.durability),
             },
             now.to_unix_secs(),
             &SetReplay { set: &set, now },
@@ -302,6 +304,17 @@ impl EngineBuilder {
             inner,
             _background: background,
         })
+    }
+}
+
+/// How appends reach the log (measured in `docs/design.md`, "The write
+/// path"): staged in memory, then `pwrite` + `fdatasync` by the group
+/// commit, when every call waits for a sync; through the mapping
+/// otherwise, so an acknowledged mark is in the page cache at once.
+fn write_mode(durability: Durability) -> WriteMode {
+    match durability {
+        Durability::Sync => WriteMode::Staged,
+        Durability::None | Durability::Periodic(_) => WriteMode::Mapped,
     }
 }
 

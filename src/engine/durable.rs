@@ -63,8 +63,9 @@ pub(super) struct Durable {
     pub(super) report: RecoveryReport,
 }
 
-/// Marks converted for the log at a time (a stack buffer, no allocation).
-const WINDOW: usize = 16;
+/// Marks handed to the log at a time (a stack buffer, no allocation): the
+/// log reserves and writes each chunk at once.
+pub(super) const LOG_CHUNK: usize = crate::wal::APPEND_CHUNK;
 
 impl Durable {
     /// Log `marks` (already in `set`); take back every mark the log did not
@@ -77,11 +78,11 @@ impl Durable {
         guard: &Guard,
     ) -> Result<Position> {
         let mut pos = None;
-        let mut buf = [(Fingerprint(0), 0u64); WINDOW];
+        let mut buf = [(Fingerprint(0), 0u64); LOG_CHUNK];
         let mut at = 0;
         while at < marks.len() {
             let mut n = 0;
-            while n < WINDOW && at < marks.len() {
+            while n < LOG_CHUNK && at < marks.len() {
                 let m = marks[at];
                 at += 1;
                 if m.is_remembered() {

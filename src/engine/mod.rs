@@ -71,6 +71,10 @@ pub struct Stats {
     pub log_bytes: u64,
     /// Log bytes written but not yet durable: the durability lag.
     pub unsynced_bytes: u64,
+    /// Log syncs run (each a group commit for every caller waiting).
+    pub log_syncs: u64,
+    /// Time spent in them, in nanoseconds.
+    pub log_sync_nanos: u64,
 }
 
 /// Verdict counts, added to the shared counters when dropped: a batch
@@ -413,6 +417,21 @@ impl Engine {
         let expiry = self.expiry(now, self.inner.ttl);
         let mut window = [Fingerprint(0); BATCH_WINDOW];
         let mut tally = Tally::new(self);
+        // New marks are logged a chunk at a time, not a window at a time:
+        // one reservation and one write per chunk (a system call each under
+        // `Sync`).
+        let mut fresh = [PendingMark {
+            fingerprint: Fingerprint(0),
+            expiry: FORGOTTEN_AT_ONCE,
+        }; durable::LOG_CHUNK];
+        let mut n_fresh = 0;
+        let logged = expiry.is_some();
+        let log = |fresh: &[PendingMark]| match &self.inner.durable {
+            Some(d) if logged && !fresh.is_empty() => {
+                d.append(&self.inner.set, fresh, now, guard).map(|_| ())
+            }
+            _ => Ok(()),
+        };
         loop {
             let mut n = 0;
             for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
@@ -423,25 +442,27 @@ impl Engine {
             if n == 0 {
                 break;
             }
-            let mut fresh = [PendingMark {
-                fingerprint: Fingerprint(0),
-                expiry: FORGOTTEN_AT_ONCE,
-            }; BATCH_WINDOW];
-            let mut n_fresh = 0;
+            if n_fresh + n > fresh.len() {
+                log(&fresh[..n_fresh])?;
+                n_fresh = 0;
+            }
             for &fp in &window[..n] {
-                match self.mark_in_memory(fp, now, expiry, guard, &mut tally)? {
-                    Deferred::New(mark) => {
+                match self.mark_in_memory(fp, now, expiry, guard, &mut tally) {
+                    Ok(Deferred::New(mark)) => {
                         fresh[n_fresh] = mark;
                         n_fresh += 1;
                         out.push(Verdict::New);
                     }
-                    Deferred::Duplicate => out.push(Verdict::Duplicate),
+                    Ok(Deferred::Duplicate) => out.push(Verdict::Duplicate),
+                    Err(e) => {
+                        // The verdicts already given stand: log their marks.
+                        log(&fresh[..n_fresh])?;
+                        return Err(e);
+                    }
                 }
             }
-            if let (Some(d), true) = (&self.inner.durable, n_fresh > 0 && expiry.is_some()) {
-                d.append(&self.inner.set, &fresh[..n_fresh], now, guard)?;
-            }
         }
+        log(&fresh[..n_fresh])?;
         // One group commit for the whole batch, covering its duplicates too.
         self.settle_duplicate(guard)
     }
@@ -633,10 +654,14 @@ impl Engine {
             log_segments: 0,
             log_bytes: 0,
             unsynced_bytes: 0,
+            log_syncs: 0,
+            log_sync_nanos: 0,
         };
         if let Some(d) = &self.inner.durable {
             (stats.log_segments, stats.log_bytes) = d.wal.layout();
             stats.unsynced_bytes = d.wal.unsynced_bytes();
+            (stats.log_syncs, stats.log_sync_nanos) =
+                self.inner.histograms.sync_seconds.count_and_sum_nanos();
         }
         stats
     }

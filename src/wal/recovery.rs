@@ -23,7 +23,7 @@ use super::format::{
     self, DecodeError, Record, StoreHeader, FORMAT_VERSION, MARK_RECORD_LEN, STORE_FILE,
 };
 use super::reader::{scan_segment, ScanError};
-use super::storage::{Bytes, Storage};
+use super::storage::{Bytes, Storage, WriteMode};
 use super::{Opened, RecoveryMode, Sealed, Segment, Wal};
 use crate::error::{Error, Result};
 use crate::fingerprint::Secret;
@@ -87,6 +87,8 @@ pub(crate) struct WalOptions {
     pub segment_size: usize,
     /// The fingerprint secret for a new store; an existing store's must match.
     pub secret: Option<Secret>,
+    /// How appends reach the segment files.
+    pub write_mode: WriteMode,
 }
 
 fn corruption(storage: &dyn Storage, name: &str, offset: u64, reason: impl Into<String>) -> Error {
@@ -529,12 +531,13 @@ fn finish(
             cut,
             seal: full_or_damaged,
         }) => {
-            let file = st.open_segment(&name).map_err(io(st, &name))?;
+            let file = st
+                .open_segment(&name, opts.write_mode)
+                .map_err(io(st, &name))?;
             if let Some((from, to)) = cut {
                 let to = to.min(file.len());
                 if to > from {
-                    file.write_at(from, &vec![0u8; to - from]);
-                    file.sync(from, to - from).map_err(io(st, &name))?;
+                    file.zero_range(from, to - from).map_err(io(st, &name))?;
                 }
             }
             if full_or_damaged {
@@ -562,13 +565,14 @@ fn finish(
     };
     let active = match active {
         Some(seg) => seg,
-        None => super::create_segment(st, header.store_id, size, next_seq)
+        None => super::create_segment(st, header.store_id, size, next_seq, opts.write_mode)
             .map_err(io(st, &format::segment_file_name(next_seq)))?,
     };
     let wal = Wal::new(
         Arc::clone(&storage),
         header.store_id,
         opts.segment_size,
+        opts.write_mode,
         active,
         sealed,
     );

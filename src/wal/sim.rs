@@ -1,8 +1,11 @@
 //! A simulated disk for power-loss tests: every file has a *live* image
 //! (what the page cache holds) and a *durable* image (what survives power
 //! loss). `sync` copies live → durable for a range. `crash` builds the disk
-//! a reboot would see: durable bytes, plus — for each unsynced write —
-//! either nothing, the write, a torn prefix of it, or garbage.
+//! a reboot would see: durable bytes, plus — for each page (4 KiB) of each
+//! unsynced write, independently, since the kernel writes dirty pages back
+//! in any order whether they were dirtied by `pwrite` or through a mapping —
+//! either nothing, the page's part of the write, a torn prefix of it, or
+//! garbage.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::storage::{Bytes, SegmentFile, Storage};
+use super::storage::{Bytes, SegmentFile, Storage, WriteMode};
 
 #[derive(Default, Clone)]
 struct SimFile {
@@ -26,7 +29,10 @@ pub struct SimDisk {
     files: Mutex<BTreeMap<String, Arc<Mutex<SimFile>>>>,
 }
 
-/// What happens to each unsynced write at a crash.
+/// The unit the kernel writes back.
+const PAGE: usize = 4096;
+
+/// What happens to each page of an unsynced write at a crash.
 #[derive(Clone, Copy, Debug)]
 pub enum Fate {
     /// The write never reached the disk.
@@ -50,7 +56,19 @@ impl SimDisk {
         for (name, f) in self.files.lock().iter() {
             let f = f.lock();
             let mut image = f.durable.clone();
-            for &(off, len) in &f.pending {
+            let pieces = f.pending.iter().flat_map(|&(off, len)| {
+                let end = off + len;
+                let mut at = off;
+                std::iter::from_fn(move || {
+                    (at < end).then(|| {
+                        let piece_end = ((at / PAGE + 1) * PAGE).min(end);
+                        let piece = (at, piece_end - at);
+                        at = piece_end;
+                        piece
+                    })
+                })
+            });
+            for (off, len) in pieces {
                 let Some(dst) = image.get_mut(off..off + len) else {
                     continue;
                 };
@@ -90,10 +108,15 @@ impl SegmentFile for SimSegment {
     fn len(&self) -> usize {
         self.0.lock().live.len()
     }
-    fn write_at(&self, offset: usize, bytes: &[u8]) {
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
         let mut f = self.0.lock();
-        f.live[offset..offset + bytes.len()].copy_from_slice(bytes);
+        let dst = f
+            .live
+            .get_mut(offset..offset + bytes.len())
+            .ok_or_else(|| io::Error::other("write past the end of a segment"))?;
+        dst.copy_from_slice(bytes);
         f.pending.push((offset, bytes.len()));
+        Ok(())
     }
     fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
         let mut f = self.0.lock();
@@ -132,6 +155,7 @@ impl Storage for SimDisk {
         name: &str,
         size: usize,
         header: &[u8],
+        _mode: WriteMode,
     ) -> io::Result<Box<dyn SegmentFile>> {
         let mut image = vec![0u8; size];
         image[..header.len()].copy_from_slice(header);
@@ -143,7 +167,7 @@ impl Storage for SimDisk {
         self.files.lock().insert(name.to_owned(), f.clone());
         Ok(Box::new(SimSegment(f)))
     }
-    fn open_segment(&self, name: &str) -> io::Result<Box<dyn SegmentFile>> {
+    fn open_segment(&self, name: &str, _mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
         let f = self
             .files
             .lock()

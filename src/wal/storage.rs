@@ -39,15 +39,16 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// file, sync it, rename it over, sync the directory).
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
     /// Create a new preallocated segment of `size` bytes starting with
-    /// `header`, durably, and open it for appending.
+    /// `header`, durably, and open it for appending in `mode`.
     fn create_segment(
         &self,
         name: &str,
         size: usize,
         header: &[u8],
+        mode: WriteMode,
     ) -> io::Result<Box<dyn SegmentFile>>;
-    /// Open an existing segment for appending.
-    fn open_segment(&self, name: &str) -> io::Result<Box<dyn SegmentFile>>;
+    /// Open an existing segment for appending in `mode`.
+    fn open_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>;
     fn remove(&self, name: &str) -> io::Result<()>;
     /// For error messages.
     fn path(&self, name: &str) -> PathBuf;
@@ -69,14 +70,36 @@ impl std::ops::Deref for Bytes {
     }
 }
 
+/// How records reach a segment file (see `docs/design.md`, "The write
+/// path"). Both put them in the page cache before the append returns, so
+/// both survive the process being killed; they differ in what a sync costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// Copied into a shared mapping (no system call per append); `msync`.
+    /// Dirtying pages through a mapping makes each sync about twice as
+    /// expensive, so only engines that rarely sync use it.
+    Mapped,
+    /// Copied into an in-memory staging buffer (no system call per
+    /// append); a sync `pwrite`s the staged range and `fdatasync`s. For
+    /// `Durability::Sync`, where every call waits for a sync anyway: a
+    /// record not yet written was not acknowledged either.
+    Staged,
+}
+
 /// One segment, open for appending. Writers hold disjoint reserved ranges.
 pub(crate) trait SegmentFile: Send + Sync {
     fn len(&self) -> usize;
-    /// Copy `bytes` to `offset`. The caller owns `offset..offset + len`
-    /// exclusively (it reserved it) and it is in bounds.
-    fn write_at(&self, offset: usize, bytes: &[u8]);
-    /// Make `offset..offset + len` durable.
+    /// Write `bytes` at `offset`. The caller owns `offset..offset + len`
+    /// exclusively (it reserved it).
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()>;
+    /// Make `offset..offset + len` durable (it may make more durable).
     fn sync(&self, offset: usize, len: usize) -> io::Result<()>;
+    /// Durably zero `offset..offset + len` of the file itself (recovery
+    /// cutting a torn tail, before any append).
+    fn zero_range(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.write_at(offset, &vec![0u8; len])?;
+        self.sync(offset, len)
+    }
 }
 
 /// Segments as mapped, preallocated files in a directory.
@@ -232,6 +255,7 @@ impl Storage for DirStorage {
         name: &str,
         size: usize,
         header: &[u8],
+        mode: WriteMode,
     ) -> io::Result<Box<dyn SegmentFile>> {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let _ = fs::remove_file(&tmp);
@@ -255,17 +279,17 @@ impl Storage for DirStorage {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        Ok(Box::new(MappedSegment::new(file)?))
+        segment_file(file, mode)
     }
 
-    fn open_segment(&self, name: &str) -> io::Result<Box<dyn SegmentFile>> {
+    fn open_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(self.dir.join(name))?;
         // Keep 0600 even if someone loosened it.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        Ok(Box::new(MappedSegment::new(file)?))
+        segment_file(file, mode)
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -274,6 +298,130 @@ impl Storage for DirStorage {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+}
+
+fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
+    Ok(match mode {
+        WriteMode::Mapped => Box::new(MappedSegment::new(file)?),
+        WriteMode::Staged => {
+            let len = file.metadata()?.len() as usize;
+            Box::new(StagedSegment {
+                // Anonymous memory: pages are only taken as records land.
+                staged: memmap2::MmapMut::map_anon(len.max(1))?,
+                file,
+                len,
+                progress: parking_lot::Mutex::new(StagedProgress::default()),
+            })
+        }
+    })
+}
+
+/// The page size `madvise` works in (4 KiB on every platform we build for;
+/// a larger real page only makes the advice cover less).
+const STAGED_PAGE: usize = 4096;
+
+/// A segment whose appends are staged in memory and written with `pwrite`
+/// at sync time, then made durable with `fdatasync`.
+struct StagedSegment {
+    staged: memmap2::MmapMut,
+    file: File,
+    len: usize,
+    /// Syncs of one segment (the group commit's and the seal at rollover)
+    /// take turns, so none writes staged bytes another has handed back.
+    progress: parking_lot::Mutex<StagedProgress>,
+}
+
+/// How far a staged segment has gone, from its start (syncs always cover
+/// a prefix: everything published).
+#[derive(Default)]
+struct StagedProgress {
+    /// Bytes before this were written to the file.
+    written: usize,
+    /// ...and made durable.
+    durable: usize,
+    /// Staged pages before this were handed back to the system.
+    released: usize,
+}
+
+impl SegmentFile for StagedSegment {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[allow(unsafe_code)]
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        if !matches!(offset.checked_add(bytes.len()), Some(end) if end <= self.len) {
+            return Err(io::Error::other("write past the end of a segment"));
+        }
+        // SAFETY: in bounds (checked above) of an anonymous mapping we own;
+        // the caller reserved this range exclusively, so no other thread
+        // writes it, and `sync` reads only ranges whose writers have all
+        // published (finished copying).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.staged.as_ptr().cast_mut().add(offset),
+                bytes.len(),
+            );
+        }
+        Ok(())
+    }
+
+    #[allow(unsafe_code)]
+    fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| io::Error::other("sync past the end of a segment"))?;
+        let mut p = self.progress.lock();
+        if p.durable >= end {
+            return Ok(());
+        }
+        if end > p.written {
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("wal::pwrite", |_| Err(io::Error::other(
+                "failpoint wal::pwrite"
+            )));
+            let from = p.written.max(offset);
+            // SAFETY: `from..end` is in bounds, not yet handed back (it is
+            // past `written`), and fully published: every writer of it has
+            // finished, and none writes it again.
+            let staged =
+                unsafe { std::slice::from_raw_parts(self.staged.as_ptr().add(from), end - from) };
+            self.file.write_all_at(staged, from as u64)?;
+            p.written = end;
+        }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::msync", |_| Err(io::Error::other(
+            "failpoint wal::msync"
+        )));
+        self.file.sync_data()?;
+        p.durable = end;
+        // Whole pages before `written` are in the file for good: give them
+        // back, so a segment's staging costs a few pages, not its size.
+        let upto = p.written / STAGED_PAGE * STAGED_PAGE;
+        if upto > p.released {
+            // SAFETY: advice on whole pages of our own mapping that no one
+            // reads or writes again (appends only go forward, syncs only
+            // write past `written`).
+            unsafe {
+                libc::madvise(
+                    self.staged.as_ptr().add(p.released).cast_mut().cast(),
+                    upto - p.released,
+                    libc::MADV_DONTNEED,
+                );
+            }
+            p.released = upto;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&self, offset: usize, len: usize) -> io::Result<()> {
+        // Straight to the file: the staging buffer is still all zeros, and
+        // the appends that follow will write this range again.
+        self.file.write_all_at(&vec![0u8; len], offset as u64)?;
+        self.file.sync_data()
     }
 }
 
@@ -296,13 +444,10 @@ impl SegmentFile for MappedSegment {
     }
 
     #[allow(unsafe_code)]
-    fn write_at(&self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset
-                .checked_add(bytes.len())
-                .is_some_and(|end| end <= self.map.len()),
-            "write past the end of a segment"
-        );
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        if !matches!(offset.checked_add(bytes.len()), Some(end) if end <= self.map.len()) {
+            return Err(io::Error::other("write past the end of a segment"));
+        }
         // SAFETY: in bounds (checked above) of a live mapping we own; the
         // caller reserved this range exclusively, so no other thread writes
         // it, and nothing reads it through a Rust reference (recovery reads
@@ -315,6 +460,7 @@ impl SegmentFile for MappedSegment {
                 bytes.len(),
             );
         }
+        Ok(())
     }
 
     fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
