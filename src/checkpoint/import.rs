@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use super::{PgError, Postgres, CHUNK};
+use super::{Loader, PgError, Postgres};
 use crate::Engine;
 
 /// The table to import and its columns.
@@ -91,25 +91,22 @@ impl Postgres {
                     progress(0, total as u64);
                     let mut report = ImportReport::default();
                     let mut rows = sqlx::query(&select).bind(ttl).fetch(&pool);
-                    let mut batch = Vec::with_capacity(CHUNK);
+                    let mut loader = Loader::new(engine);
                     while let Some(row) = rows.try_next().await? {
                         report.rows += 1;
                         let id: Option<String> = row.try_get(0)?;
                         let processed_at: Option<i64> = row.try_get(1)?;
                         let fp = id.as_deref().map(|id| engine.fingerprint(id));
-                        match (fp, processed_at) {
-                            (Some(Ok(fp)), Some(at)) => {
-                                batch.push((fp, (at.max(0) as u64).saturating_add(ttl as u64)))
-                            }
-                            _ => report.invalid += 1,
-                        }
-                        if batch.len() == CHUNK {
-                            report.imported += engine.load_marks(&batch)? as u64;
-                            batch.clear();
+                        let (Some(Ok(fp)), Some(at)) = (fp, processed_at) else {
+                            report.invalid += 1;
+                            continue;
+                        };
+                        let expiry = (at.max(0) as u64).saturating_add(ttl as u64);
+                        if loader.push(fp, expiry)? {
                             progress(report.rows, total as u64);
                         }
                     }
-                    report.imported += engine.load_marks(&batch)? as u64;
+                    report.imported = loader.finish()?;
                     progress(report.rows, total as u64);
                     report.duration = started.elapsed();
                     Ok(report)

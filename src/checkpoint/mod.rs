@@ -649,19 +649,17 @@ impl Postgres {
                             .bind(store_id)
                             .bind(now)
                             .fetch(&mut *conn);
-                        let mut batch = Vec::with_capacity(CHUNK);
+                        let mut loader = Loader::new(engine);
                         while let Some(row) = rows.try_next().await? {
                             let fp: uuid::Uuid = row.try_get(0)?;
                             let expires: i64 = row.try_get(1)?;
-                            batch.push((Fingerprint::from_le_bytes(*fp.as_bytes()), expires as u64));
                             report.rows += 1;
-                            if batch.len() == CHUNK {
-                                report.loaded += engine.load_marks(&batch)? as u64;
-                                batch.clear();
+                            let fp = Fingerprint::from_le_bytes(*fp.as_bytes());
+                            if loader.push(fp, expires as u64)? {
                                 progress(report.rows, total as u64);
                             }
                         }
-                        report.loaded += engine.load_marks(&batch)? as u64;
+                        report.loaded = loader.finish()?;
                         progress(report.rows, total as u64);
                     }
                     // Forgets later than every live mark of their id.
@@ -701,6 +699,40 @@ impl Postgres {
                 }
             })
             .await
+    }
+}
+
+/// Marks loaded into an engine a chunk at a time (restore, import).
+struct Loader<'e> {
+    engine: &'e Engine,
+    batch: Vec<(Fingerprint, u64)>,
+    loaded: u64,
+}
+
+impl<'e> Loader<'e> {
+    fn new(engine: &'e Engine) -> Loader<'e> {
+        Loader {
+            engine,
+            batch: Vec::with_capacity(CHUNK),
+            loaded: 0,
+        }
+    }
+
+    /// Queue a mark; `true` when a full chunk was just loaded.
+    fn push(&mut self, fp: Fingerprint, expiry_unix_secs: u64) -> crate::Result<bool> {
+        self.batch.push((fp, expiry_unix_secs));
+        if self.batch.len() < CHUNK {
+            return Ok(false);
+        }
+        self.loaded += self.engine.load_marks(&self.batch)? as u64;
+        self.batch.clear();
+        Ok(true)
+    }
+
+    /// Load the rest; how many marks were new to the engine in all.
+    fn finish(mut self) -> crate::Result<u64> {
+        self.loaded += self.engine.load_marks(&self.batch)? as u64;
+        Ok(self.loaded)
     }
 }
 

@@ -97,7 +97,8 @@ impl Cluster {
         c
     }
 
-    fn run_pg(&self, tool: &str, args: &[&str]) -> Output {
+    /// `tool` of the server's bin directory, run as `postgres` when we are root.
+    fn pg_command(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -106,7 +107,13 @@ impl Cluster {
         } else {
             Command::new(&exe)
         };
-        cmd.args(args).current_dir("/");
+        cmd.current_dir("/");
+        cmd
+    }
+
+    fn run_pg(&self, tool: &str, args: &[&str]) -> Output {
+        let mut cmd = self.pg_command(tool);
+        cmd.args(args);
         let out = cmd.output().unwrap_or_else(|e| panic!("{tool}: {e}"));
         assert!(
             out.status.success(),
@@ -145,17 +152,12 @@ impl Cluster {
 
     /// Stop the server at once (connections are cut).
     pub fn stop(&self) {
-        self.run_pg(
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        self.run_pg("pg_ctl", &self.stop_args());
+    }
+
+    fn stop_args(&self) -> [&str; 6] {
+        let data = self.data.to_str().unwrap();
+        ["-D", data, "-m", "immediate", "-w", "stop"]
     }
 
     /// A URL for database `db` as the test user.
@@ -195,25 +197,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let exe = self.bin.join("pg_ctl");
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.arg("-u").arg("postgres").arg("--").arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        let _ = cmd
-            .args([
-                "-D",
-                self.data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ])
-            .current_dir("/")
-            .output();
+        let _ = self.pg_command("pg_ctl").args(self.stop_args()).output();
     }
 }
 
