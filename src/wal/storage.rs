@@ -320,6 +320,8 @@ fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>
 /// The page size `madvise` works in (4 KiB on every platform we build for;
 /// a larger real page only makes the advice cover less).
 const STAGED_PAGE: usize = 4096;
+/// Staged bytes handed back at a time.
+const RELEASE_STEP: usize = 1 << 20;
 
 /// A segment whose appends are staged in memory and written with `pwrite`
 /// at sync time, then made durable with `fdatasync`.
@@ -401,7 +403,9 @@ impl SegmentFile for StagedSegment {
         // Whole pages before `written` are in the file for good: give them
         // back, so a segment's staging costs a few pages, not its size.
         let upto = p.written / STAGED_PAGE * STAGED_PAGE;
-        if upto > p.released {
+        // In steps of at least RELEASE_STEP: each `madvise` flushes the
+        // TLBs of the other threads' CPUs, which costs more than the pages.
+        if upto >= p.released + RELEASE_STEP {
             // SAFETY: advice on whole pages of our own mapping that no one
             // reads or writes again (appends only go forward, syncs only
             // write past `written`).
