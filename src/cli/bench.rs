@@ -121,7 +121,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .capacity((args.events as usize) * 3 / 4)
             .open(&dir)?,
     );
-    let bar = super::progress_bar("events", false);
+    let bar = super::progress_bar("events", "events", false);
     bar.set_length(per_thread * args.threads);
     let started = Instant::now();
     let latencies: Vec<Vec<u64>> = std::thread::scope(|s| {

@@ -185,7 +185,7 @@ impl EngineArgs {
         let engine = match &config.state_dir {
             None => config.builder().build()?,
             Some(dir) => {
-                let bar = progress_bar("replaying log", quiet);
+                let bar = progress_bar("replaying log", "segments", quiet);
                 let replay_bar = bar.clone();
                 let engine = config
                     .builder()
@@ -249,15 +249,19 @@ pub(crate) fn serve_metrics(
 }
 
 /// A progress bar on stderr; hidden when stderr is not a terminal or `quiet`.
-pub(crate) fn progress_bar(what: &'static str, quiet: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(
+    what: &'static str,
+    unit: &'static str,
+    quiet: bool,
+) -> indicatif::ProgressBar {
     if quiet {
         return indicatif::ProgressBar::hidden();
     }
     let bar =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments ({eta})")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{eta}})"
+    )) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what);

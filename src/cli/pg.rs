@@ -151,7 +151,7 @@ pub(crate) fn run(cmd: PgCommand) -> anyhow::Result<ExitCode> {
         }
         PgAction::Import(a) => {
             let (pg, engine) = open_plain(&a.store)?;
-            let bar = super::progress_bar("importing", a.store.quiet);
+            let bar = super::progress_bar("importing", "rows", a.store.quiet);
             let r = rt.block_on(pg.import(
                 &engine,
                 &ImportTable {
@@ -218,7 +218,7 @@ fn open_config(
     let Some(dir) = &config.state_dir else {
         bail!("--postgres needs a state directory (--state DIR or SEEN_STATE_DIR)");
     };
-    let bar = super::progress_bar("restoring", quiet);
+    let bar = super::progress_bar("restoring", "marks", quiet);
     let (engine, report) = rt
         .block_on(p.open(config.builder(), dir, |done, total| {
             bar.set_length(total);

@@ -28,7 +28,7 @@ pub(crate) struct InspectArgs {
 }
 
 fn load(args: &StoreArgs) -> anyhow::Result<StoreInfo> {
-    let bar = super::progress_bar("scanning log", args.quiet);
+    let bar = super::progress_bar("scanning log", "segments", args.quiet);
     let b = bar.clone();
     let info = inspect::inspect(
         &args.dir,
