@@ -66,6 +66,8 @@ pub(super) struct Durable {
 /// Marks handed to the log at a time (a stack buffer, no allocation): the
 /// log reserves and writes each chunk at once.
 pub(super) const LOG_CHUNK: usize = crate::wal::APPEND_CHUNK;
+/// What a single id or one window of the batch path hands over.
+const SMALL_LOG_CHUNK: usize = super::BATCH_WINDOW;
 
 impl Durable {
     /// Log `marks` (already in `set`); take back every mark the log did not
@@ -77,12 +79,28 @@ impl Durable {
         now: Tick,
         guard: &Guard,
     ) -> Result<Position> {
+        // A single id (or a window) converts through a small stack buffer;
+        // only large batches pay for a whole chunk's.
+        if marks.len() <= SMALL_LOG_CHUNK {
+            self.append_in::<SMALL_LOG_CHUNK>(set, marks, now, guard)
+        } else {
+            self.append_in::<LOG_CHUNK>(set, marks, now, guard)
+        }
+    }
+
+    fn append_in<const N: usize>(
+        &self,
+        set: &ShardedSet,
+        marks: &[PendingMark],
+        now: Tick,
+        guard: &Guard,
+    ) -> Result<Position> {
         let mut pos = None;
-        let mut buf = [(Fingerprint(0), 0u64); LOG_CHUNK];
+        let mut buf = [(Fingerprint(0), 0u64); N];
         let mut at = 0;
         while at < marks.len() {
             let mut n = 0;
-            while n < LOG_CHUNK && at < marks.len() {
+            while n < N && at < marks.len() {
                 let m = marks[at];
                 at += 1;
                 if m.is_remembered() {

@@ -407,6 +407,20 @@ impl Engine {
 
     fn insert_batch(
         &self,
+        fps: impl Iterator<Item = Fingerprint>,
+        len: usize,
+        out: &mut Vec<Verdict>,
+    ) -> Result<()> {
+        // Small batches collect their new marks in a small stack buffer.
+        if len <= BATCH_WINDOW {
+            self.insert_batch_in::<BATCH_WINDOW>(fps, len, out)
+        } else {
+            self.insert_batch_in::<{ durable::LOG_CHUNK }>(fps, len, out)
+        }
+    }
+
+    fn insert_batch_in<const N: usize>(
+        &self,
         mut fps: impl Iterator<Item = Fingerprint>,
         len: usize,
         out: &mut Vec<Verdict>,
@@ -423,7 +437,7 @@ impl Engine {
         let mut fresh = [PendingMark {
             fingerprint: Fingerprint(0),
             expiry: FORGOTTEN_AT_ONCE,
-        }; durable::LOG_CHUNK];
+        }; N];
         let mut n_fresh = 0;
         let logged = expiry.is_some();
         let log = |fresh: &[PendingMark]| match &self.inner.durable {

@@ -351,24 +351,37 @@ impl Wal {
         marks: &[(Fingerprint, u64)],
         guard: &Guard,
     ) -> Result<Position, (usize, Error)> {
-        let mut last = None;
-        let mut records = [Record::Mark {
-            fingerprint: 0,
-            expiry_unix_secs: 0,
-        }; APPEND_CHUNK];
+        // A single id or a window stages its records in a small stack
+        // buffer; only large batches pay for a whole chunk's.
+        if marks.len() <= SMALL_CHUNK {
+            self.append_marks_in::<SMALL_CHUNK>(marks, guard)
+        } else {
+            self.append_marks_in::<APPEND_CHUNK>(marks, guard)
+        }
+    }
+
+    fn append_marks_in<const N: usize>(
+        &self,
+        marks: &[(Fingerprint, u64)],
+        guard: &Guard,
+    ) -> Result<Position, (usize, Error)> {
         // A chunk must fit in a segment with its header.
-        let chunk =
-            APPEND_CHUNK.min((self.segment_size - format::SEGMENT_HEADER_LEN) / MARK_RECORD_LEN);
-        for (i, window) in marks.chunks(chunk.max(1)).enumerate() {
-            for (r, &(fp, expiry)) in records.iter_mut().zip(window) {
-                *r = Record::Mark {
+        let chunk = N
+            .min((self.segment_size - format::SEGMENT_HEADER_LEN) / MARK_RECORD_LEN)
+            .max(1);
+        let mut last = None;
+        for (i, window) in marks.chunks(chunk).enumerate() {
+            let max_expiry = window.iter().map(|&(_, e)| e).max().unwrap_or(0);
+            let appended = self.append_encoded::<N>(window.len(), max_expiry, guard, |j| {
+                let (fp, expiry) = window[j];
+                Record::Mark {
                     fingerprint: fp.0,
                     expiry_unix_secs: expiry,
-                };
-            }
-            match self.append_records(&records[..window.len()], guard) {
+                }
+            });
+            match appended {
                 Ok(pos) => last = Some(pos),
-                Err(e) => return Err((i * chunk.max(1), e)),
+                Err(e) => return Err((i * chunk, e)),
             }
         }
         Ok(last.unwrap_or_else(|| self.published(guard)))
@@ -382,13 +395,10 @@ impl Wal {
         expiry: u64,
         guard: &Guard,
     ) -> Result<Position> {
-        self.append_records(
-            &[Record::Forget {
-                fingerprint: fp.0,
-                expiry_unix_secs: expiry,
-            }],
-            guard,
-        )
+        self.append_encoded::<1>(1, expiry, guard, |_| Record::Forget {
+            fingerprint: fp.0,
+            expiry_unix_secs: expiry,
+        })
     }
 
     /// Append a mark carrying metadata (at most
@@ -419,23 +429,25 @@ impl Wal {
         })
     }
 
-    /// Append fixed-size records with one reservation; `records` must fit
-    /// in a segment.
-    fn append_records(&self, records: &[Record], guard: &Guard) -> Result<Position> {
-        let len = records.len() * MARK_RECORD_LEN;
+    /// Append `n` (at most `N`) fixed-size records, `record(i)`, with one
+    /// reservation and one write (one system call when staged); they must
+    /// fit in a segment.
+    fn append_encoded<const N: usize>(
+        &self,
+        n: usize,
+        max_expiry: u64,
+        guard: &Guard,
+        record: impl Fn(usize) -> Record,
+    ) -> Result<Position> {
+        debug_assert!(n <= N);
+        let len = n * MARK_RECORD_LEN;
         debug_assert!(len + format::SEGMENT_HEADER_LEN <= self.segment_size);
-        let max_expiry = records
-            .iter()
-            .map(Record::expiry_unix_secs)
-            .max()
-            .unwrap_or(0);
         self.append_with(len, max_expiry, guard, |seg, off| {
-            // One write for the chunk: one system call when positional.
-            let mut buf = [0u8; APPEND_CHUNK * MARK_RECORD_LEN];
-            for (record, slot) in records.iter().zip(buf.chunks_exact_mut(MARK_RECORD_LEN)) {
-                slot.copy_from_slice(&encode_record(seg.seed, record));
+            let mut buf = [[0u8; MARK_RECORD_LEN]; N];
+            for (i, slot) in buf.iter_mut().take(n).enumerate() {
+                *slot = encode_record(seg.seed, &record(i));
             }
-            seg.file.write_at(off, &buf[..len])
+            seg.file.write_at(off, buf[..n].as_flattened())
         })
     }
 
@@ -732,6 +744,9 @@ impl Wal {
 /// arriving (measured: 64 single-id callers went from 7 to 24 marks per
 /// sync, `docs/benchmarks.md`).
 const GATHER_YIELDS: usize = 16;
+
+/// Records a single id or a window appends with (a 512-byte buffer).
+const SMALL_CHUNK: usize = 16;
 
 /// Records appended with one reservation and one write (8 KiB).
 pub(crate) const APPEND_CHUNK: usize = 256;
