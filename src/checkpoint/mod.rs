@@ -401,9 +401,7 @@ impl Postgres {
         .try_get(0)?;
 
         let mut report = CheckpointReport::default();
-        let Some(mut changes) = engine.changes_since(from as u64) else {
-            return Err(not_durable().into());
-        };
+        let mut changes = engine.changes_since(from as u64)?;
         let mut records = Vec::with_capacity(CHUNK);
         let mut latest: HashMap<u128, i64> = HashMap::with_capacity(CHUNK);
         loop {
@@ -534,7 +532,7 @@ impl Postgres {
     ) -> Result<(Engine, RestoreReport), PgError> {
         let dir = dir.as_ref();
         let stored = self.stored().await?;
-        let fresh = !dir.join(crate::wal::format::STORE_FILE).exists();
+        let fresh = !crate::wal::has_store(dir);
         let builder = match (stored, fresh) {
             (Some((_, secret)), true) => builder.secret(secret),
             _ => builder,
@@ -784,8 +782,4 @@ async fn write_chunk(
     sink.send(copy).await?;
     sink.finish().await?;
     Ok((marks, forgets))
-}
-
-fn not_durable() -> crate::Error {
-    crate::Error::Config("checkpoints need a durable engine (EngineBuilder::open)".into())
 }

@@ -27,10 +27,12 @@ impl Engine {
     }
 
     /// The durable records after `from` (a [`LogPosition::as_u64`] of this
-    /// log; 0 for its start); `None` for an in-memory engine.
-    pub(crate) fn changes_since(&self, from: u64) -> Option<ChangeReader<'_>> {
-        let d = self.inner.durable.as_ref()?;
-        Some(d.wal.changes_since(Position::from_u64(from)))
+    /// log; 0 for its start); an error for an in-memory engine.
+    pub(crate) fn changes_since(&self, from: u64) -> Result<ChangeReader<'_>> {
+        match &self.inner.durable {
+            Some(d) => Ok(d.wal.changes_since(Position::from_u64(from))),
+            None => Err(not_durable()),
+        }
     }
 
     /// Load marks `(fingerprint, expiry in Unix seconds)` made elsewhere: each
@@ -93,8 +95,10 @@ impl Engine {
 
     /// A durable engine's log, or the error a checkpoint reports without one.
     pub(crate) fn require_log(&self) -> Result<u128> {
-        self.log_id().ok_or_else(|| {
-            Error::Config("checkpoints need a durable engine (EngineBuilder::open)".into())
-        })
+        self.log_id().ok_or_else(not_durable)
     }
+}
+
+fn not_durable() -> Error {
+    Error::Config("checkpoints need a durable engine (EngineBuilder::open)".into())
 }

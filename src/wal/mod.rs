@@ -56,6 +56,12 @@ pub(crate) use recovery::{Replay, WalOptions};
 pub(crate) use storage::WriteMode;
 use storage::{DirLock, DirStorage, SegmentFile, Storage};
 
+/// Whether `dir` holds a store (its header file exists).
+#[cfg(feature = "postgres")]
+pub(crate) fn has_store(dir: &Path) -> bool {
+    dir.join(format::STORE_FILE).exists()
+}
+
 /// The public error for bytes of `file` that did not decode as a header.
 pub(crate) fn header_error(file: std::path::PathBuf, e: format::DecodeError) -> Error {
     match e {
