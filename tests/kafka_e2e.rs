@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,78 +37,11 @@ fn main() {
     println!("1 passed, 0 failed");
 }
 
-/// Kills the broker (and any consumer) when the test ends, however it ends.
-struct Reaper(Vec<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tansu() -> PathBuf {
-    if let Some(p) = std::env::var_os("SEEN_TANSU") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu");
-    assert!(
-        p.exists(),
-        "the Tansu broker is missing: run `bash .ci/run` (it installs it to {}) or set SEEN_TANSU",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn parent() {
     let started = Instant::now();
-    let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut reaper = Reaper(Vec::new());
-    reaper.0.push(
-        Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&brokers).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let created = Command::new(tansu())
-        .args([
-            "topic",
-            "create",
-            TOPIC,
-            "--partitions",
-            &PARTITIONS.to_string(),
-        ])
-        .args(["--broker", &url])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{created:?}");
-
+    let mut tansu = common::Tansu::start();
+    tansu.create_topic(TOPIC, PARTITIONS);
+    let brokers = tansu.brokers.clone();
     let sent = produce(&brokers);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -117,7 +50,9 @@ fn parent() {
     // (lines of output before the kill, committed offsets after it)
     let mut kills: Vec<(usize, Vec<i64>)> = Vec::new();
     for round in 0..3 {
-        reaper.0.push(spawn_child(&brokers, &state, &out, false));
+        tansu
+            .children
+            .push(spawn_child(&brokers, &state, &out, false));
         // Wait for it to make progress (a restart first waits for the
         // group to drop the killed member), then kill it at a random moment.
         let before = lines(&out).len();
@@ -133,15 +68,17 @@ fn parent() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(rng % 700));
-        let mut child = reaper.0.pop().unwrap();
+        let mut child = tansu.children.pop().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         kills.push((lines(&out).len(), committed(&brokers)));
     }
     // The last run goes to the end of the input and stops when idle.
-    reaper.0.push(spawn_child(&brokers, &state, &out, true));
+    tansu
+        .children
+        .push(spawn_child(&brokers, &state, &out, true));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let last = reaper.0.last_mut().unwrap();
+    let last = tansu.children.last_mut().unwrap();
     while last.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < deadline,

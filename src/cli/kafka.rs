@@ -147,11 +147,12 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     );
     if !args.quiet {
         eprintln!(
-            "seen kafka: read {}, produced {}, duplicate {}, invalid {} in {:.1} s",
+            "seen kafka: read {}, produced {}, duplicate {}, invalid {} in {} batches, {:.1} s",
             summary.read,
             summary.new,
             summary.duplicate,
             summary.invalid,
+            summary.batches,
             started.elapsed().as_secs_f64()
         );
     }

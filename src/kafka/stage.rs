@@ -148,62 +148,88 @@ fn write_checkpoint(path: &Path, positions: &Positions) -> Result<(), BoxError> 
 /// Read the output from the recorded positions to its end and mark every
 /// `idempotency_key` found (then make the marks durable). Returns how many
 /// messages were read back.
+///
+/// The end of a partition is where librdkafka reports `PartitionEOF` (an
+/// empty fetch at the high watermark), not a watermark asked for up front:
+/// a broker that answers `ListOffsets` with a stale end (Tansu 0.1.2
+/// reports the base offset of the last batch) would otherwise end the
+/// read-back early and let the crash window through. Gives up with an
+/// error after `config.timeout` without progress.
 pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<u64, BoxError> {
     let recorded = read_checkpoint(&checkpoint_path(state))?;
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-readback", config.group))
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        // Transactional mode: what an aborted transaction wrote is not output.
+        .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = client.create()?;
-    let meta = consumer.fetch_metadata(Some(&config.output), config.timeout)?;
-    let partitions: Vec<i32> = meta
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    drop(meta);
-    let mut ends = HashMap::new();
+    let partitions = output_partitions(&consumer, config)?;
+    let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
-        let (low, high) = consumer.fetch_watermarks(&config.output, p, config.timeout)?;
-        let from = recorded.get(&p).copied().unwrap_or(low).max(low);
-        if from < high {
-            tpl.add_partition_offset(&config.output, p, Offset::Offset(from))?;
-            ends.insert(p, high);
-        }
-    }
-    if ends.is_empty() {
-        return Ok(0);
+        let from = recorded
+            .get(&p)
+            .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+        tpl.add_partition_offset(&config.output, p, from)?;
     }
     consumer.assign(&tpl)?;
     drop(tpl);
-    let deadline = Instant::now() + config.timeout;
+    let mut progress = Instant::now();
     let mut read = 0;
-    while !ends.is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!("reading back {} timed out", config.output).into());
+    let mut marks = Vec::with_capacity(4096);
+    while !open.is_empty() {
+        if progress.elapsed() > config.timeout {
+            return Err(format!(
+                "reading back {}: no progress for {:?} ({} partitions not at their end)",
+                config.output,
+                config.timeout,
+                open.len()
+            )
+            .into());
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Err(e)) => return Err(e.into()),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                progress = Instant::now();
+            }
+            Some(Err(e)) => return Err(format!("reading back {}: {e}", config.output).into()),
             Some(Ok(m)) => {
                 read += 1;
+                progress = Instant::now();
                 if let Some(id) = super::ids::header(&m, IDEMPOTENCY_KEY_HEADER) {
                     // Already marked or not: either way it is in the output.
-                    let _ = engine.check_and_insert(id)?;
-                }
-                if ends
-                    .get(&m.partition())
-                    .is_some_and(|&end| m.offset() + 1 >= end)
-                {
-                    ends.remove(&m.partition());
+                    // Logged a chunk at a time: one sync per chunk, not per id.
+                    if let crate::Deferred::New(mark) = engine.check_and_insert_deferred(id)? {
+                        marks.push(mark);
+                        if marks.len() == marks.capacity() {
+                            engine.commit(&marks)?;
+                            marks.clear();
+                        }
+                    }
                 }
             }
         }
     }
+    engine.commit(&marks)?;
     engine.sync()?;
     Ok(read)
+}
+
+/// The output topic's partitions; a clear error when it does not exist.
+fn output_partitions(consumer: &BaseConsumer, config: &StageConfig) -> Result<Vec<i32>, BoxError> {
+    let meta = consumer.fetch_metadata(Some(&config.output), config.timeout)?;
+    let topic = meta.topics().first();
+    let missing = || format!("output topic {:?} does not exist", config.output);
+    let topic = topic.ok_or_else(missing)?;
+    if topic.error().is_some() || topic.partitions().is_empty() {
+        return Err(missing().into());
+    }
+    Ok(topic.partitions().iter().map(|p| p.id()).collect())
 }
 
 /// The input side of the stage.
@@ -405,7 +431,21 @@ impl Sink<StageItem> for KafkaSink {
     }
 
     fn flush(&mut self) -> Result<(), BoxError> {
-        self.producer.flush(self.timeout)?;
+        // Not `Producer::flush`: rdkafka 0.39's flush polls in 100 ms steps
+        // that always run to their end, so every batch would cost 100 ms.
+        // The producer's own thread serves delivery reports; wait for them.
+        let deadline = Instant::now() + self.timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} messages not confirmed by the brokers within {:?}",
+                    self.producer.in_flight_count(),
+                    self.timeout
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let errors = std::mem::take(&mut self.deliveries.lock().errors);
         match errors.first() {
             None => Ok(()),
@@ -439,9 +479,16 @@ pub fn run(
     summary: &mut crate::stage::Summary,
 ) -> Result<u64, crate::stage::StageError> {
     use crate::stage::StageError;
+    // Offsets and output positions move only behind marks a kill -9 keeps.
+    if engine.durability().is_none() {
+        return Err(crate::Error::Config(
+            "the Kafka stage needs a durable engine (EngineBuilder::open): its read-back after a crash starts from marks on disk".into(),
+        )
+        .into());
+    }
     let read = read_back(config, engine, state).map_err(StageError::Source)?;
-    let (mut source, mut sink) =
-        source_and_sink(config, state, stop).map_err(StageError::Source)?;
+    let (source, mut sink) = source_and_sink(config, state, stop).map_err(StageError::Source)?;
+    let mut source = DurableAcks { source, engine };
     let options = crate::stage::StageOptions {
         id: IdSpec::Whole,
         batch,
@@ -449,4 +496,28 @@ pub fn run(
     };
     crate::stage::run(engine, &mut source, &mut sink, &options, summary)?;
     Ok(read)
+}
+
+/// Makes the batch's marks durable before the source acknowledges it,
+/// whatever the engine's durability (`None` and `Periodic` included): the
+/// recorded output positions and the committed offsets then never run
+/// ahead of the marks.
+struct DurableAcks<'a> {
+    source: KafkaSource,
+    engine: &'a Engine,
+}
+
+impl Source for DurableAcks<'_> {
+    type Item = StageItem;
+
+    fn next(&mut self, may_block: bool) -> Result<Next<'_, StageItem>, BoxError> {
+        self.source.next(may_block)
+    }
+
+    fn ack(&mut self) -> Result<(), BoxError> {
+        if self.engine.durability() != Some(crate::Durability::Sync) {
+            self.engine.sync()?;
+        }
+        self.source.ack()
+    }
 }

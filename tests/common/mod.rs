@@ -51,3 +51,89 @@ pub fn reader_from_start(brokers: &str, topic: &str, partitions: i32) -> BaseCon
     drop(tpl);
     c
 }
+
+/// A Tansu broker process on a free loopback port, with in-memory storage;
+/// killed (with anything else pushed into `children`) when dropped, however
+/// the test ends. The binary comes from `SEEN_TANSU`, or
+/// `target/tools/tansu` where `.ci/run` puts it.
+pub struct Tansu {
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub brokers: String,
+    url: String,
+    /// Processes the test started (consumers, stages), killed on drop.
+    pub children: Vec<std::process::Child>,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        use std::process::{Command, Stdio};
+        let port = free_port();
+        let brokers = format!("127.0.0.1:{port}");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let broker = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let tansu = Tansu {
+            brokers,
+            url,
+            children: vec![broker],
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&tansu.brokers).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tansu
+    }
+
+    /// Create `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let created = std::process::Command::new(tansu_binary())
+            .args(["topic", "create", topic, "--partitions"])
+            .arg(partitions.to_string())
+            .args(["--broker", &self.url])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{created:?}");
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        // Children first, the broker (pushed first) last.
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tansu_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SEEN_TANSU") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu");
+    assert!(
+        p.exists(),
+        "the Tansu broker is missing: run `bash .ci/run` (it installs it to {}) or set SEEN_TANSU",
+        p.display()
+    );
+    p
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
