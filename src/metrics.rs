@@ -289,6 +289,129 @@ impl Collector for KafkaCollector {
     }
 }
 
+/// Register a Kafka stage's counters: `seen_stage_read_total`,
+/// `seen_stage_produced_total`, `seen_stage_duplicates_total`,
+/// `seen_stage_invalid_total`, `seen_stage_dead_lettered_total`,
+/// `seen_stage_batches_total`, `seen_stage_read_back` and
+/// `seen_stage_consumer_lag{topic,partition}`; and its producer's:
+/// `seen_sink_sent_total`, `seen_sink_failed_total`,
+/// `seen_sink_retried_total`, `seen_sink_breaker_trips_total`,
+/// `seen_sink_breaker_state` (0 closed, 1 open, 2 half-open),
+/// `seen_sink_batch_messages` and `seen_sink_produce_seconds`.
+#[cfg(feature = "kafka")]
+pub fn register_stage(registry: &mut Registry, stats: Arc<crate::kafka::stage::StageStats>) {
+    registry.register_collector(Box::new(StageCollector(stats)));
+}
+
+#[cfg(feature = "kafka")]
+#[derive(Debug)]
+struct StageCollector(Arc<crate::kafka::stage::StageStats>);
+
+#[cfg(feature = "kafka")]
+impl Collector for StageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let k = &s.sink;
+        let read = s.read.load(Relaxed);
+        let produced = s.produced.load(Relaxed);
+        let invalid = s.invalid.load(Relaxed);
+        // Read, not yet decided, counts as neither until its batch closes.
+        let duplicates = read.saturating_sub(produced + invalid);
+        for (name, help, value) in [
+            ("seen_stage_read", "Input messages read", read),
+            (
+                "seen_stage_produced",
+                "First occurrences produced",
+                produced,
+            ),
+            ("seen_stage_duplicates", "Duplicates dropped", duplicates),
+            (
+                "seen_stage_invalid",
+                "Messages without a readable id",
+                invalid,
+            ),
+            (
+                "seen_stage_dead_lettered",
+                "Invalid messages sent to the dead-letter topic",
+                s.dead_lettered.load(Relaxed),
+            ),
+            (
+                "seen_stage_batches",
+                "Batches committed (delivered, marked, offsets committed)",
+                s.batches.load(Relaxed),
+            ),
+            (
+                "seen_sink_sent",
+                "Messages the brokers confirmed",
+                k.sent.load(Relaxed),
+            ),
+            (
+                "seen_sink_failed",
+                "Delivery failures (each failed resend counts again)",
+                k.failed.load(Relaxed),
+            ),
+            (
+                "seen_sink_retried",
+                "Messages sent again",
+                k.retried.load(Relaxed),
+            ),
+            (
+                "seen_sink_breaker_trips",
+                "Times the circuit breaker opened",
+                k.breaker_trips.load(Relaxed),
+            ),
+        ] {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        for (name, help, value) in [
+            (
+                "seen_stage_read_back",
+                "Output messages read back on start",
+                s.read_back.load(Relaxed) as i64,
+            ),
+            (
+                "seen_sink_breaker_state",
+                "Circuit breaker: 0 closed, 1 open, 2 half-open",
+                k.breaker_state.load(Relaxed) as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let mut lag = encoder.encode_descriptor(
+            "seen_stage_consumer_lag",
+            "Messages behind the end of the input partition (librdkafka statistics)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (topic, partition, l) in s.lag() {
+            if l >= 0 {
+                ConstGauge::new(l).encode(
+                    lag.encode_family(&[("topic", topic), ("partition", partition.to_string())])?,
+                )?;
+            }
+        }
+        for (name, help, h) in [
+            (
+                "seen_sink_batch_messages",
+                "Messages per flushed batch",
+                &k.batch_messages,
+            ),
+            (
+                "seen_sink_produce_seconds",
+                "From a batch's first send to its last delivery confirmation",
+                &k.produce_seconds,
+            ),
+        ] {
+            let m = ConstHistogram(h.snapshot());
+            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Register a background checkpointer's status:
 /// `seen_checkpoint_total`, `seen_checkpoint_failures_total`,
 /// `seen_checkpoint_rows_total`, `seen_checkpoint_rows_per_second`,

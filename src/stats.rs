@@ -96,7 +96,17 @@ impl Histogram {
     }
 
     pub(crate) fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
+        self.observe_in_bucket(d.as_secs_f64(), d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// A plain value (a batch size): kept in the sum as value × 10⁹, so
+    /// [`Histogram::snapshot`] reports it unscaled.
+    #[cfg(feature = "kafka")]
+    pub(crate) fn observe_value(&self, v: f64) {
+        self.observe_in_bucket(v, (v * 1e9) as u64);
+    }
+
+    fn observe_in_bucket(&self, secs: f64, nanos: u64) {
         let i = self
             .bounds
             .iter()
@@ -105,8 +115,7 @@ impl Histogram {
         if let Some(c) = self.counts.get(i) {
             c.fetch_add(1, Relaxed);
         }
-        self.sum_nanos
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.sum_nanos.fetch_add(nanos, Relaxed);
     }
 
     /// Observations so far, and their total in nanoseconds.

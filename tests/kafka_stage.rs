@@ -15,7 +15,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use seen::kafka::stage::{self, StageConfig};
+use seen::kafka::sink::{BreakerState, KafkaSink, Record, SinkConfig, SinkError};
+use seen::kafka::stage::{self, StageConfig, StageStats};
 use seen::stage::{OnInvalid, Summary};
 use seen::{Durability, Engine};
 
@@ -91,6 +92,7 @@ fn run_stage(brokers: &str, state: &Path, until: usize) -> (Summary, u64) {
         OnInvalid::Skip,
         64,
         stop,
+        &Arc::new(StageStats::default()),
         &mut summary,
     )
     .unwrap();
@@ -156,4 +158,262 @@ fn the_output_holds_each_id_once_across_a_crash_window() {
     }
     assert_eq!(count.len(), 170);
     assert!(count.values().all(|&n| n == 1), "each id once: {count:?}");
+}
+
+fn sink_config(brokers: &str, topic: &str) -> SinkConfig {
+    let mut c = SinkConfig::new(brokers, topic);
+    // librdkafka gives up on a message after 300 ms; the sink's own
+    // retries take over from there.
+    c.message_timeout = Duration::from_millis(300);
+    c.retry.first = Duration::from_millis(20);
+    c.retry.max = Duration::from_millis(100);
+    c.breaker.failures = 3;
+    c.breaker.open_for = Duration::from_millis(400);
+    c.properties = vec![("reconnect.backoff.max.ms".into(), "100".into())];
+    c
+}
+
+fn send_n(sink: &mut KafkaSink, from: usize, n: usize) {
+    for i in from..from + n {
+        let key = format!("m-{i}");
+        sink.send(Record {
+            key: Some(key.as_bytes()),
+            payload: Some(key.as_bytes()),
+            source_partition: Some((i % 2) as i32),
+            ..Record::default()
+        })
+        .unwrap();
+    }
+}
+
+/// Keys of every message in `topic`.
+fn keys(brokers: &str, topic: &str, expect: usize) -> HashMap<String, u32> {
+    let c = common::reader_from_start(brokers, topic, 2);
+    let mut out = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    while Instant::now() < deadline && n < expect {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let k = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            *out.entry(k).or_default() += 1;
+            n += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn the_sink_retries_through_an_outage_opens_its_breaker_and_closes_it_after() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("sunk", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut config = sink_config(&brokers, "sunk");
+    config.retry.give_up_after = Duration::from_secs(20);
+    let mut sink = KafkaSink::new(&config).unwrap();
+    send_n(&mut sink, 0, 50);
+    let first = sink.flush().unwrap();
+    assert_eq!(first.delivered, 50);
+    assert_eq!(first.positions.values().sum::<i64>(), 50, "{first:?}");
+
+    // The broker goes away while a batch is in flight and comes back 1.5 s
+    // later: librdkafka times the messages out, the sink resends them with
+    // backoff, the breaker opens, half-opens, and closes on success.
+    cluster.broker_down(1).unwrap();
+    send_n(&mut sink, 50, 50);
+    let flushing = std::thread::scope(|scope| {
+        let h = scope.spawn(|| sink.flush());
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster.broker_up(1).unwrap();
+        h.join().unwrap()
+    });
+    let flushed = flushing.unwrap();
+    assert_eq!(
+        flushed.delivered, 50,
+        "every message of the batch delivered"
+    );
+    let stats = sink.stats();
+    assert!(
+        stats.failed.load(Relaxed) >= 50,
+        "deliveries failed during the outage"
+    );
+    assert!(stats.retried.load(Relaxed) >= 50, "and were sent again");
+    assert!(stats.breaker_trips.load(Relaxed) >= 1, "the breaker opened");
+    assert_eq!(sink.breaker(), BreakerState::Closed, "and closed again");
+    assert_eq!(stats.breaker_state.load(Relaxed), 0);
+    let got = keys(&brokers, "sunk", 100);
+    for i in 0..100 {
+        assert!(got.contains_key(&format!("m-{i}")), "m-{i} lost");
+    }
+}
+
+#[test]
+fn the_sink_gives_up_within_its_bound_then_fails_fast_while_open() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("sunk", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut config = sink_config(&brokers, "sunk");
+    config.retry.give_up_after = Duration::from_millis(800);
+    config.breaker.open_for = Duration::from_secs(2);
+    let mut sink = KafkaSink::new(&config).unwrap();
+    cluster.broker_down(1).unwrap();
+    send_n(&mut sink, 0, 10);
+    let started = Instant::now();
+    let err = sink.flush().unwrap_err();
+    assert!(matches!(err, SinkError::GaveUp { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a bounded wait: {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(sink.breaker(), BreakerState::Open(_)));
+    let err = sink
+        .send(Record {
+            payload: Some(b"x"),
+            ..Record::default()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, SinkError::BreakerOpen { .. }),
+        "fails fast: {err}"
+    );
+}
+
+#[test]
+fn the_sink_refuses_a_missing_topic_and_partitions_it_cannot_map() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("small", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut config = sink_config(&brokers, "small");
+    config.partitioning = "fixed:5".parse().unwrap();
+    let err = KafkaSink::new(&config).unwrap_err();
+    assert!(err.to_string().contains("partition 5"), "{err}");
+    config.partitioning = "input".parse().unwrap();
+    let mut sink = KafkaSink::new(&config).unwrap();
+    let err = sink
+        .send(Record {
+            payload: Some(b"x"),
+            source_partition: Some(7),
+            ..Record::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("input partition 7"), "{err}");
+    // Round robin spreads, fixed pins.
+    config.partitioning = "round-robin".parse().unwrap();
+    let mut rr = KafkaSink::new(&config).unwrap();
+    send_n(&mut rr, 0, 10);
+    let f = rr.flush().unwrap();
+    assert_eq!(f.positions.len(), 2, "both partitions used: {f:?}");
+    config.partitioning = "fixed:1".parse().unwrap();
+    let mut fixed = KafkaSink::new(&config).unwrap();
+    send_n(&mut fixed, 10, 10);
+    let f = fixed.flush().unwrap();
+    assert_eq!(f.positions.keys().collect::<Vec<_>>(), vec![&1], "{f:?}");
+}
+
+#[test]
+fn invalid_ids_go_to_the_dead_letter_topic_with_the_reason() {
+    let cluster = MockCluster::new(1).unwrap();
+    for t in ["in", "out", "dlq"] {
+        cluster.create_topic(t, 2, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    // Ten with an id, three without the header.
+    let ids: Vec<String> = (0..10).map(|i| format!("e-{i}")).collect();
+    produce(&brokers, "in", &ids);
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for i in 0..3 {
+        let payload = format!("no id {i}");
+        p.send(
+            BaseRecord::<str, str>::to("in")
+                .payload(&payload)
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    let mut config = StageConfig::new(&brokers, "stage", &["in"], "out");
+    config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    config.dead_letter_topic = Some("dlq".into());
+    let stats = Arc::new(StageStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && stats.read.load(Relaxed) < 13 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, Relaxed);
+        })
+    };
+    let mut summary = Summary::default();
+    stage::run(
+        &config,
+        &engine,
+        state.path(),
+        OnInvalid::DeadLetter,
+        64,
+        stop,
+        &stats,
+        &mut summary,
+    )
+    .unwrap();
+    watcher.join().unwrap();
+    assert_eq!((summary.new, summary.invalid), (10, 3));
+    assert_eq!(stats.dead_lettered.load(Relaxed), 3);
+    let c = common::reader_from_start(&brokers, "dlq", 2);
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reasons.len() < 3 && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let why = seen::kafka::header(&m, seen::kafka::DEAD_LETTER_REASON_HEADER)
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            reasons.push((why, m.payload().map(|p| p.to_vec())));
+        }
+    }
+    assert_eq!(reasons.len(), 3);
+    for (why, payload) in &reasons {
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("idempotency_key")),
+            "{why:?}"
+        );
+        assert!(payload.as_deref().is_some_and(|p| p.starts_with(b"no id")));
+    }
+}
+
+#[test]
+fn a_missing_output_topic_and_a_second_stage_on_one_state_are_clear_errors() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("in", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    let config = StageConfig::new(&brokers, "stage", &["in"], "nowhere");
+    let err = stage::run(
+        &config,
+        &engine,
+        state.path(),
+        OnInvalid::Skip,
+        64,
+        Arc::new(AtomicBool::new(false)),
+        &Arc::new(StageStats::default()),
+        &mut Summary::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"nowhere\" does not exist"),
+        "{err}"
+    );
+    // The state directory is locked by the first engine.
+    let second = Engine::builder().open(state.path().join("marks"));
+    let err = second.expect_err("a second opener is refused");
+    assert!(err.to_string().to_lowercase().contains("lock"), "{err}");
 }

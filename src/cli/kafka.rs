@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use seen::kafka::stage::{self, StageConfig};
+use seen::kafka::sink::{Compression, Partitioning};
+use seen::kafka::stage::{self, StageConfig, StageStats};
 use seen::kafka::IdStrategy;
 use seen::stage::{OnInvalid, StageError, Summary};
 
@@ -31,17 +32,47 @@ pub(crate) struct KafkaArgs {
     /// hash, debezium; A|B falls back from A to B.
     #[arg(long, default_value = "header", value_parser = clap::value_parser!(IdStrategy))]
     id: IdStrategy,
-    /// A message without a readable id: skip, pass (produce it unmarked)
-    /// or fail (stop with exit code 2).
-    #[arg(long, default_value = "skip", value_parser = parse_on_invalid)]
+    /// A message without a readable id: skip, pass (produce it unmarked),
+    /// dead-letter (to --dead-letter-topic, the reason in a header) or
+    /// fail (stop with exit code 2).
+    #[arg(long, default_value = "skip", value_parser = clap::value_parser!(OnInvalid))]
     on_invalid: OnInvalid,
-    /// Messages decided per batch (one flush, one sync, one commit each).
+    /// The dead-letter topic for --on-invalid dead-letter.
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+    /// Messages decided per stage batch (one flush, one sync, one commit each).
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Output partition: input (the one read from), key (murmur2 of the
+    /// key), round-robin, or fixed:N.
+    #[arg(long, default_value = "input", value_parser = clap::value_parser!(Partitioning))]
+    partitioner: Partitioning,
+    /// Output compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none", value_parser = clap::value_parser!(Compression))]
+    compression: Compression,
+    /// How long the producer waits to fill a batch (linger.ms).
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    linger: std::time::Duration,
+    /// The largest produce request batch in bytes (batch.size).
+    #[arg(long, default_value_t = 1_000_000)]
+    batch_bytes: usize,
+    /// The largest produce request batch in messages (batch.num.messages).
+    #[arg(long, default_value_t = 10_000)]
+    batch_messages: usize,
+    /// Keep resending failed deliveries (backoff with jitter) this long,
+    /// then stop with an error.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_for: std::time::Duration,
+    /// Consecutive failed deliveries that open the circuit breaker.
+    #[arg(long, default_value_t = 5)]
+    breaker_failures: u32,
+    /// How long the breaker stays open before a probe.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    breaker_open_for: std::time::Duration,
     /// A librdkafka consumer property, KEY=VALUE (repeatable).
     #[arg(short = 'X', value_parser = parse_property)]
     consumer_property: Vec<(String, String)>,
-    /// A librdkafka producer property, KEY=VALUE (repeatable).
+    /// A librdkafka producer property, KEY=VALUE (repeatable; applied last).
     #[arg(short = 'P', value_parser = parse_property)]
     producer_property: Vec<(String, String)>,
     #[command(flatten)]
@@ -59,15 +90,6 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
-}
-
-fn parse_on_invalid(s: &str) -> Result<OnInvalid, String> {
-    match s.parse()? {
-        OnInvalid::DeadLetter => {
-            Err("seen kafka has no dead-letter topic yet; use skip, pass or fail".into())
-        }
-        p => Ok(p),
-    }
 }
 
 /// Set by SIGINT/SIGTERM.
@@ -112,6 +134,8 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     // Marks in their own store; output positions beside it.
     config.state_dir = Some(state.join("marks"));
+    // Served below, with the stage's metrics.
+    let metrics_addr = config.metrics_addr.take();
     #[cfg(feature = "postgres")]
     let attached = {
         let plain = config.clone();
@@ -122,11 +146,11 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     #[cfg(feature = "postgres")]
     let engine = std::sync::Arc::clone(&attached.engine);
     #[cfg(not(feature = "postgres"))]
-    let engine = config.open()?;
-    let stage_config = StageConfig {
+    let engine = Arc::new(config.open()?);
+    let mut stage_config = StageConfig {
         ids: args.id,
         consumer_properties: args.consumer_property,
-        producer_properties: args.producer_property,
+        dead_letter_topic: args.dead_letter_topic,
         ..StageConfig::new(
             &brokers,
             &args.group,
@@ -134,6 +158,30 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
             &args.output,
         )
     };
+    let producer = &mut stage_config.producer;
+    producer.partitioning = args.partitioner;
+    producer.compression = args.compression;
+    producer.linger = args.linger;
+    producer.batch_bytes = args.batch_bytes;
+    producer.batch_messages = args.batch_messages;
+    producer.retry.give_up_after = args.retry_for;
+    producer.breaker.failures = args.breaker_failures.max(1);
+    producer.breaker.open_for = args.breaker_open_for;
+    producer.properties = args.producer_property;
+    let stats = Arc::new(StageStats::default());
+    if let Some(addr) = metrics_addr {
+        let stats = Arc::clone(&stats);
+        #[cfg(feature = "postgres")]
+        let watch = attached.watch();
+        super::serve_metrics(addr, &engine, move |registry| {
+            seen::metrics::register_stage(registry, stats);
+            #[cfg(feature = "postgres")]
+            if let Some(w) = watch {
+                seen::metrics::register_checkpoint(registry, w);
+            }
+        })?;
+    }
+    let progress = Progress::start(Arc::clone(&stats), args.quiet);
     let started = Instant::now();
     let mut summary = Summary::default();
     let outcome = stage::run(
@@ -143,8 +191,10 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
         args.on_invalid,
         args.batch.max(1),
         stop_on_signals(),
+        &stats,
         &mut summary,
     );
+    progress.finish();
     if !args.quiet {
         eprintln!(
             "seen kafka: read {}, produced {}, duplicate {}, invalid {} in {} batches, {:.1} s",
@@ -173,5 +223,49 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_INVALID_INPUT))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A one-line status on stderr while the stage runs (hidden when stderr
+/// is not a terminal, or with --quiet).
+struct Progress {
+    bar: indicatif::ProgressBar,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(stats: Arc<StageStats>, quiet: bool) -> Progress {
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = (!bar.is_hidden()).then(|| {
+            let (bar, stop) = (bar.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let lag: i64 = stats.lag().iter().map(|l| l.2.max(0)).sum();
+                    bar.set_message(format!(
+                        "seen kafka: read {} messages, produced {}, invalid {}, lag {lag}",
+                        stats.read.load(Relaxed),
+                        stats.produced.load(Relaxed),
+                        stats.invalid.load(Relaxed),
+                    ));
+                    bar.tick();
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            })
+        });
+        Progress { bar, stop, thread }
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.bar.finish_and_clear();
     }
 }

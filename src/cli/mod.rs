@@ -41,7 +41,7 @@ enum Command {
     /// Deduplicate a Kafka topic into another: each id once in the output,
     /// even across kill -9 (feature `kafka`).
     #[cfg(feature = "kafka")]
-    Kafka(kafka::KafkaArgs),
+    Kafka(Box<kafka::KafkaArgs>),
     /// Checkpoint to, restore from and import from PostgreSQL (feature
     /// `postgres`).
     #[cfg(feature = "postgres")]
@@ -59,7 +59,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Verify(args) => store::verify(args),
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "kafka")]
-        Command::Kafka(args) => kafka::run(args),
+        Command::Kafka(args) => kafka::run(*args),
         #[cfg(feature = "postgres")]
         Command::Pg(args) => pg::run(args),
     };

@@ -290,6 +290,12 @@ impl Attached {
         })
     }
 
+    /// The checkpointer's status, for metrics.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn watch(&self) -> Option<seen::checkpoint::CheckpointWatch> {
+        self.checkpointer.as_ref().map(Checkpointer::watch)
+    }
+
     /// Stop checkpointing after a last checkpoint.
     pub(crate) fn finish(self) -> anyhow::Result<()> {
         if let Some(cp) = self.checkpointer {

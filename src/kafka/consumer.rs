@@ -74,6 +74,29 @@ pub const DEAD_LETTER_REASON_HEADER: &str = "seen-dead-letter-reason";
 /// Where the dead-lettered message came from: `topic/partition@offset`.
 pub const DEAD_LETTER_ORIGIN_HEADER: &str = "seen-dead-letter-origin";
 
+/// A dead letter's headers: the message's own, the reason, the origin.
+pub(crate) fn dead_letter_headers(msg: &impl Message, why: &str) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            headers = headers.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    let origin = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
+    headers
+        .insert(Header {
+            key: DEAD_LETTER_REASON_HEADER,
+            value: Some(why.as_bytes()),
+        })
+        .insert(Header {
+            key: DEAD_LETTER_ORIGIN_HEADER,
+            value: Some(origin.as_bytes()),
+        })
+}
+
 /// Settings of a [`DedupConsumer`].
 #[derive(Clone, Debug)]
 pub struct DedupConsumerConfig {
@@ -675,25 +698,7 @@ impl DedupConsumer {
         let Some((producer, topic)) = &self.dead_letters else {
             return Err(ConsumeError::NoDeadLetterTopic);
         };
-        let mut headers = OwnedHeaders::new();
-        if let Some(h) = msg.headers() {
-            for header in h.iter() {
-                headers = headers.insert(Header {
-                    key: header.key,
-                    value: header.value,
-                });
-            }
-        }
-        let origin = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
-        headers = headers
-            .insert(Header {
-                key: DEAD_LETTER_REASON_HEADER,
-                value: Some(why.as_bytes()),
-            })
-            .insert(Header {
-                key: DEAD_LETTER_ORIGIN_HEADER,
-                value: Some(origin.as_bytes()),
-            });
+        let headers = dead_letter_headers(msg, why);
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
         if let Some(p) = msg.payload() {
             record = record.payload(p);

@@ -31,6 +31,7 @@ mod ids;
 mod partitions;
 mod producer;
 mod scope;
+pub mod sink;
 pub mod stage;
 
 pub use consumer::{

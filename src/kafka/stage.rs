@@ -24,19 +24,20 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::ids::{IdStrategy, IDEMPOTENCY_KEY_HEADER};
+use super::partitions::Partitions;
+use super::sink::{KafkaSink, Record, SinkConfig, SinkStats};
 use crate::stage::{BoxError, Event, IdSpec, InvalidId, Next, OnInvalid, Sink, Source};
 use crate::Engine;
 
@@ -49,15 +50,16 @@ pub struct StageConfig {
     pub group: String,
     /// Input topics.
     pub inputs: Vec<String>,
-    /// The output topic.
-    pub output: String,
     /// Where ids come from.
     pub ids: IdStrategy,
     /// Extra librdkafka properties of the consumer (`-X`).
     pub consumer_properties: Vec<(String, String)>,
-    /// Extra librdkafka properties of the producer (`-P`).
-    pub producer_properties: Vec<(String, String)>,
-    /// Bounded waits for brokers (metadata, watermarks, flush).
+    /// The producer: output topic (`producer.topic`), batching, linger,
+    /// compression, partitioning, retries, breaker, `-P` properties.
+    pub producer: SinkConfig,
+    /// Where invalid messages go under [`OnInvalid::DeadLetter`].
+    pub dead_letter_topic: Option<String>,
+    /// Bounded waits for brokers (metadata, the read-back).
     pub timeout: Duration,
 }
 
@@ -68,12 +70,51 @@ impl StageConfig {
             brokers: brokers.into(),
             group: group.into(),
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            output: output.into(),
             ids: IdStrategy::default(),
             consumer_properties: Vec::new(),
-            producer_properties: Vec::new(),
+            producer: SinkConfig::new(brokers, output),
+            dead_letter_topic: None,
             timeout: Duration::from_secs(30),
         }
+    }
+
+    /// The output topic.
+    pub fn output(&self) -> &str {
+        &self.producer.topic
+    }
+}
+
+/// Counters of a running stage, read at scrape time
+/// (`seen::metrics::register_stage`).
+#[derive(Debug, Default)]
+pub struct StageStats {
+    /// Input messages read.
+    pub read: AtomicU64,
+    /// First occurrences produced to the output.
+    pub produced: AtomicU64,
+    /// Messages without a readable id.
+    pub invalid: AtomicU64,
+    /// Invalid messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Output messages read back on start.
+    pub read_back: AtomicU64,
+    /// Batches committed (flushed, marked, positions recorded, offsets
+    /// committed).
+    pub batches: AtomicU64,
+    /// The producer's counters.
+    pub sink: Arc<SinkStats>,
+    /// Consumer lag per input partition (librdkafka statistics).
+    pub(crate) lag: Partitions,
+}
+
+impl StageStats {
+    /// Input partitions and their lag (messages behind the end).
+    pub fn lag(&self) -> Vec<(String, i32, i64)> {
+        self.lag
+            .snapshot()
+            .into_iter()
+            .map(|(t, p, s)| (t, p, s.lag))
+            .collect()
     }
 }
 
@@ -95,14 +136,6 @@ impl Event for StageItem {
 
 /// Output positions covered by durable marks: partition → next offset.
 type Positions = HashMap<i32, i64>;
-
-/// What the sink saw delivered since the last acknowledgement.
-#[derive(Default)]
-struct Deliveries {
-    /// Highest delivered offset + 1, per output partition.
-    next: Positions,
-    errors: Vec<String>,
-}
 
 /// The file that records output positions covered by durable marks.
 pub fn checkpoint_path(state: &Path) -> PathBuf {
@@ -161,6 +194,7 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
     client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-readback", config.group))
+        .set("allow.auto.create.topics", "false")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
@@ -174,7 +208,7 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
         let from = recorded
             .get(&p)
             .map_or(Offset::Beginning, |&o| Offset::Offset(o));
-        tpl.add_partition_offset(&config.output, p, from)?;
+        tpl.add_partition_offset(config.output(), p, from)?;
     }
     consumer.assign(&tpl)?;
     drop(tpl);
@@ -185,7 +219,7 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
         if progress.elapsed() > config.timeout {
             return Err(format!(
                 "reading back {}: no progress for {:?} ({} partitions not at their end)",
-                config.output,
+                config.output(),
                 config.timeout,
                 open.len()
             )
@@ -197,7 +231,7 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
                 open.remove(&p);
                 progress = Instant::now();
             }
-            Some(Err(e)) => return Err(format!("reading back {}: {e}", config.output).into()),
+            Some(Err(e)) => return Err(format!("reading back {}: {e}", config.output()).into()),
             Some(Ok(m)) => {
                 read += 1;
                 progress = Instant::now();
@@ -222,9 +256,9 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
 
 /// The output topic's partitions; a clear error when it does not exist.
 fn output_partitions(consumer: &BaseConsumer, config: &StageConfig) -> Result<Vec<i32>, BoxError> {
-    let meta = consumer.fetch_metadata(Some(&config.output), config.timeout)?;
+    let meta = consumer.fetch_metadata(Some(config.output()), config.timeout)?;
     let topic = meta.topics().first();
-    let missing = || format!("output topic {:?} does not exist", config.output);
+    let missing = || format!("output topic {:?} does not exist", config.output());
     let topic = topic.ok_or_else(missing)?;
     if topic.error().is_some() || topic.partitions().is_empty() {
         return Err(missing().into());
@@ -232,9 +266,29 @@ fn output_partitions(consumer: &BaseConsumer, config: &StageConfig) -> Result<Ve
     Ok(topic.partitions().iter().map(|p| p.id()).collect())
 }
 
+/// Keeps librdkafka's per-partition consumer lag for the metrics.
+struct LagContext(Arc<StageStats>);
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    self.0.lag.set_lag(topic, partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// Output positions a flush reached, handed from the sink to the source.
+type Delivered = Arc<Mutex<Positions>>;
+
 /// The input side of the stage.
 pub struct KafkaSource {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<LagContext>,
     ids: IdStrategy,
     item: Option<StageItem>,
     /// The input topics, in subscription order.
@@ -242,25 +296,43 @@ pub struct KafkaSource {
     /// Next offset to commit, per (input topic's index, partition), since
     /// the last ack: no allocation per message.
     pending: HashMap<(usize, i32), i64>,
-    deliveries: Arc<Mutex<Deliveries>>,
+    delivered: Delivered,
     covered: Positions,
     checkpoint: PathBuf,
     stop: Arc<AtomicBool>,
+    stats: Arc<StageStats>,
 }
 
 impl KafkaSource {
     fn new(
         config: &StageConfig,
         state: &Path,
-        deliveries: Arc<Mutex<Deliveries>>,
+        delivered: Delivered,
         stop: Arc<AtomicBool>,
+        stats: Arc<StageStats>,
     ) -> Result<Self, BoxError> {
         let mut client = super::manual_commit_consumer(&config.brokers, &config.group);
+        client
+            .set("statistics.interval.ms", "5000")
+            // A loop slightly slower than its fetcher would otherwise stall
+            // for librdkafka's default 1 s backoff (see the consumer loop).
+            .set("fetch.queue.backoff.ms", "20");
         for (k, v) in &config.consumer_properties {
             client.set(k, v);
         }
-        let consumer: BaseConsumer = client.create()?;
-        consumer.fetch_metadata(None, config.timeout)?;
+        let consumer: BaseConsumer<LagContext> =
+            client.create_with_context(LagContext(Arc::clone(&stats)))?;
+        let meta = consumer.fetch_metadata(None, config.timeout)?;
+        for input in &config.inputs {
+            let found = meta
+                .topics()
+                .iter()
+                .any(|t| t.name() == input && t.error().is_none() && !t.partitions().is_empty());
+            if !found {
+                return Err(format!("input topic {input:?} does not exist").into());
+            }
+        }
+        drop(meta);
         let inputs: Vec<&str> = config.inputs.iter().map(String::as_str).collect();
         consumer.subscribe(&inputs)?;
         let checkpoint = checkpoint_path(state);
@@ -270,10 +342,11 @@ impl KafkaSource {
             inputs: config.inputs.clone(),
             item: None,
             pending: HashMap::new(),
-            deliveries,
+            delivered,
             covered: read_checkpoint(&checkpoint)?,
             checkpoint,
             stop,
+            stats,
         })
     }
 }
@@ -298,6 +371,7 @@ impl Source for KafkaSource {
                 Some(Ok(m)) => {
                     let msg = m.detach();
                     drop(m);
+                    self.stats.read.fetch_add(1, Relaxed);
                     let id = self.ids.id_of(&msg).map(Cow::into_owned);
                     if let Some(t) = self.inputs.iter().position(|t| t == msg.topic()) {
                         self.pending.insert((t, msg.partition()), msg.offset() + 1);
@@ -312,7 +386,7 @@ impl Source for KafkaSource {
     /// The batch's outputs are delivered and its marks durable: record the
     /// output positions they cover, then commit the input offsets.
     fn ack(&mut self) -> Result<(), BoxError> {
-        let delivered = std::mem::take(&mut self.deliveries.lock().next);
+        let delivered = std::mem::take(&mut *self.delivered.lock());
         if !delivered.is_empty() {
             for (p, o) in delivered {
                 let e = self.covered.entry(p).or_insert(o);
@@ -320,6 +394,7 @@ impl Source for KafkaSource {
             }
             write_checkpoint(&self.checkpoint, &self.covered)?;
         }
+        self.stats.batches.fetch_add(1, Relaxed);
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -339,54 +414,15 @@ impl Source for KafkaSource {
     }
 }
 
-/// Confirms deliveries for the sink.
-struct DeliveryContext(Arc<Mutex<Deliveries>>);
-
-impl ClientContext for DeliveryContext {}
-
-impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        let mut d = self.0.lock();
-        match result {
-            Ok(m) => {
-                let e = d.next.entry(m.partition()).or_insert(0);
-                *e = (*e).max(m.offset() + 1);
-            }
-            Err((e, _)) => d.errors.push(e.to_string()),
-        }
-    }
+/// The output side of the stage: the producer sink, the dead-letter topic.
+pub struct StageSink {
+    sink: KafkaSink,
+    dead_letter_topic: Option<String>,
+    delivered: Delivered,
+    stats: Arc<StageStats>,
 }
 
-/// The output side of the stage: an idempotent producer.
-pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryContext>,
-    output: String,
-    deliveries: Arc<Mutex<Deliveries>>,
-    timeout: Duration,
-}
-
-impl KafkaSink {
-    fn new(config: &StageConfig, deliveries: Arc<Mutex<Deliveries>>) -> Result<Self, BoxError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5");
-        for (k, v) in &config.producer_properties {
-            client.set(k, v);
-        }
-        Ok(KafkaSink {
-            producer: client.create_with_context(DeliveryContext(Arc::clone(&deliveries)))?,
-            output: config.output.clone(),
-            deliveries,
-            timeout: config.timeout,
-        })
-    }
-}
-
-impl Sink<StageItem> for KafkaSink {
+impl Sink<StageItem> for StageSink {
     fn emit(&mut self, item: &StageItem, id: Option<&[u8]>) -> Result<(), BoxError> {
         let m = &item.msg;
         let mut headers = OwnedHeaders::new();
@@ -404,71 +440,76 @@ impl Sink<StageItem> for KafkaSink {
                 value: Some(id),
             });
         }
-        let mut record = BaseRecord::<[u8], [u8]>::to(&self.output).headers(headers);
-        if let Some(k) = m.key() {
-            record = record.key(k);
-        }
-        if let Some(p) = m.payload() {
-            record = record.payload(p);
-        }
-        if let Some(ts) = m.timestamp().to_millis() {
-            record = record.timestamp(ts);
-        }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((
-                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    // Backpressure: let deliveries drain, then retry.
-                    self.producer.poll(Duration::from_millis(10));
-                    record = r;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        self.sink.send(Record {
+            topic: None,
+            key: m.key(),
+            payload: m.payload(),
+            headers: Some(headers),
+            timestamp: m.timestamp().to_millis(),
+            source_partition: Some(m.partition()),
+        })?;
+        self.stats.produced.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), BoxError> {
-        // Not `Producer::flush`: rdkafka 0.39's flush polls in 100 ms steps
-        // that always run to their end, so every batch would cost 100 ms.
-        // The producer's own thread serves delivery reports; wait for them.
-        let deadline = Instant::now() + self.timeout;
-        while self.producer.in_flight_count() > 0 {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} messages not confirmed by the brokers within {:?}",
-                    self.producer.in_flight_count(),
-                    self.timeout
-                )
-                .into());
+        let flushed = self.sink.flush()?;
+        if !flushed.positions.is_empty() {
+            let mut d = self.delivered.lock();
+            for (p, o) in flushed.positions {
+                let e = d.entry(p).or_insert(o);
+                *e = (*e).max(o);
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
-        let errors = std::mem::take(&mut self.deliveries.lock().errors);
-        match errors.first() {
-            None => Ok(()),
-            Some(e) => Err(format!("{} deliveries failed, first: {e}", errors.len()).into()),
-        }
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, item: &StageItem, why: &InvalidId) -> Result<(), BoxError> {
+        let Some(topic) = &self.dead_letter_topic else {
+            return Err(format!("no dead-letter topic for an invalid message ({why})").into());
+        };
+        let m = &item.msg;
+        self.sink.send(Record {
+            topic: Some(topic),
+            key: m.key(),
+            payload: m.payload(),
+            headers: Some(super::consumer::dead_letter_headers(m, &why.to_string())),
+            timestamp: m.timestamp().to_millis(),
+            source_partition: None,
+        })?;
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn invalid(&mut self, _seq: u64, why: &InvalidId, _action: OnInvalid) {
+        self.stats.invalid.fetch_add(1, Relaxed);
+        tracing::debug!(reason = %why, "seen kafka: message without a readable id");
     }
 }
 
-/// The stage's source and sink, sharing what the sink saw delivered.
+/// The stage's source and sink, sharing the output positions delivered.
 pub fn source_and_sink(
     config: &StageConfig,
     state: &Path,
     stop: Arc<AtomicBool>,
-) -> Result<(KafkaSource, KafkaSink), BoxError> {
-    let deliveries = Arc::new(Mutex::new(Deliveries::default()));
-    let sink = KafkaSink::new(config, Arc::clone(&deliveries))?;
-    let source = KafkaSource::new(config, state, deliveries, stop)?;
+    stats: &Arc<StageStats>,
+) -> Result<(KafkaSource, StageSink), BoxError> {
+    let delivered = Delivered::default();
+    let sink = StageSink {
+        sink: KafkaSink::with_stats(&config.producer, Arc::clone(&stats.sink))?,
+        dead_letter_topic: config.dead_letter_topic.clone(),
+        delivered: Arc::clone(&delivered),
+        stats: Arc::clone(stats),
+    };
+    let source = KafkaSource::new(config, state, delivered, stop, Arc::clone(stats))?;
     Ok((source, sink))
 }
 
 /// Read back the output, then run the dedup loop until `stop` is set (or
 /// the input fails). `engine` holds the marks (open it in a directory of
 /// its own, e.g. `state/marks`); `state` holds the output positions.
+/// Returns how many output messages the read-back found.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     config: &StageConfig,
     engine: &Engine,
@@ -476,18 +517,28 @@ pub fn run(
     on_invalid: OnInvalid,
     batch: usize,
     stop: Arc<AtomicBool>,
+    stats: &Arc<StageStats>,
     summary: &mut crate::stage::Summary,
 ) -> Result<u64, crate::stage::StageError> {
     use crate::stage::StageError;
-    // Offsets and output positions move only behind marks a kill -9 keeps.
     if engine.durability().is_none() {
         return Err(crate::Error::Config(
             "the Kafka stage needs a durable engine (EngineBuilder::open): its read-back after a crash starts from marks on disk".into(),
         )
         .into());
     }
+    if on_invalid == OnInvalid::DeadLetter && config.dead_letter_topic.is_none() {
+        return Err(crate::Error::Config(
+            "the dead-letter policy needs a dead-letter topic".into(),
+        )
+        .into());
+    }
+    // Producer first: a missing output topic is reported before the
+    // read-back or the group join.
+    let (source, mut sink) =
+        source_and_sink(config, state, stop, stats).map_err(StageError::Source)?;
     let read = read_back(config, engine, state).map_err(StageError::Source)?;
-    let (source, mut sink) = source_and_sink(config, state, stop).map_err(StageError::Source)?;
+    stats.read_back.store(read, Relaxed);
     let mut source = DurableAcks { source, engine };
     let options = crate::stage::StageOptions {
         id: IdSpec::Whole,
