@@ -59,6 +59,10 @@ pub struct StageConfig {
     pub producer: SinkConfig,
     /// Where invalid messages go under [`OnInvalid::DeadLetter`].
     pub dead_letter_topic: Option<String>,
+    /// How often the output positions covered by durable marks are
+    /// recorded (one file write and fsync each): the read-back after a
+    /// crash covers at most what was produced since, plus one batch.
+    pub record_positions_every: Duration,
     /// Bounded waits for brokers (metadata, the read-back).
     pub timeout: Duration,
 }
@@ -74,6 +78,7 @@ impl StageConfig {
             consumer_properties: Vec::new(),
             producer: SinkConfig::new(brokers, output),
             dead_letter_topic: None,
+            record_positions_every: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
         }
     }
@@ -197,6 +202,8 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
         .set("allow.auto.create.topics", "false")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // An empty partition answers at once instead of after 500 ms.
+        .set("fetch.wait.max.ms", "10")
         .set("auto.offset.reset", "earliest")
         // Transactional mode: what an aborted transaction wrote is not output.
         .set("isolation.level", "read_committed");
@@ -298,6 +305,10 @@ pub struct KafkaSource {
     pending: HashMap<(usize, i32), i64>,
     delivered: Delivered,
     covered: Positions,
+    /// `covered` has moved since it was last written.
+    unrecorded: bool,
+    recorded_at: Instant,
+    record_every: Duration,
     checkpoint: PathBuf,
     stop: Arc<AtomicBool>,
     stats: Arc<StageStats>,
@@ -344,6 +355,9 @@ impl KafkaSource {
             pending: HashMap::new(),
             delivered,
             covered: read_checkpoint(&checkpoint)?,
+            unrecorded: false,
+            recorded_at: Instant::now(),
+            record_every: config.record_positions_every,
             checkpoint,
             stop,
             stats,
@@ -387,12 +401,19 @@ impl Source for KafkaSource {
     /// output positions they cover, then commit the input offsets.
     fn ack(&mut self) -> Result<(), BoxError> {
         let delivered = std::mem::take(&mut *self.delivered.lock());
-        if !delivered.is_empty() {
-            for (p, o) in delivered {
-                let e = self.covered.entry(p).or_insert(o);
-                *e = (*e).max(o);
-            }
+        for (p, o) in delivered {
+            let e = self.covered.entry(p).or_insert(o);
+            *e = (*e).max(o);
+            self.unrecorded = true;
+        }
+        // Recording less often only widens the read-back after a crash
+        // (to what was produced since): it never lets it skip an output.
+        if self.unrecorded
+            && (self.stop.load(Relaxed) || self.recorded_at.elapsed() >= self.record_every)
+        {
             write_checkpoint(&self.checkpoint, &self.covered)?;
+            self.unrecorded = false;
+            self.recorded_at = Instant::now();
         }
         self.stats.batches.fetch_add(1, Relaxed);
         if self.pending.is_empty() {
