@@ -6,7 +6,8 @@
 //! ```text
 //! per batch:  poll ─► id ─► decide ─► produce
 //!             then:   flush (every delivery confirmed) ─► commit marks (durable)
-//!                     ─► record the output positions now covered by marks
+//!                     ─► (about once a second) record the output positions
+//!                         now covered by durable marks
 //!                     ─► commit the input offsets
 //! on start:   read the output from the recorded positions to its end and
 //!             mark every idempotency_key found, then consume
@@ -18,8 +19,8 @@
 //! duplicates. The output then holds each id once, without broker
 //! transactions, as long as no other writer stamps ids into the output
 //! topic. What a restart costs: reading the output written since the last
-//! recorded position, at most one batch per partition plus what a crash
-//! left unrecorded.
+//! recorded position, about [`StageConfig::record_positions_every`] of
+//! output plus one batch.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
