@@ -417,3 +417,189 @@ fn a_missing_output_topic_and_a_second_stage_on_one_state_are_clear_errors() {
     let err = second.expect_err("a second opener is refused");
     assert!(err.to_string().to_lowercase().contains("lock"), "{err}");
 }
+
+/// Run a transactional stage over `in` until it has read `until` messages
+/// and committed their batch, or until it fails.
+fn run_transactional(
+    brokers: &str,
+    state: &Path,
+    output: &str,
+    until: u64,
+) -> (Result<u64, seen::stage::StageError>, Summary) {
+    let engine = Engine::builder().open(state.join("marks")).unwrap();
+    let mut config = StageConfig::new(brokers, "tx-stage", &["in"], output);
+    config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    config.producer.transactional_id = Some("seen-test-tx".into());
+    config.producer.message_timeout = Duration::from_secs(5);
+    let stats = Arc::new(StageStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && stats.read.load(Relaxed) < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            stop.store(true, Relaxed);
+        })
+    };
+    let mut summary = Summary::default();
+    let r = stage::run(
+        &config,
+        &engine,
+        state,
+        OnInvalid::Skip,
+        1000,
+        Arc::clone(&stop),
+        &stats,
+        &mut summary,
+    );
+    stop.store(true, Relaxed);
+    watcher.join().unwrap();
+    (r, summary)
+}
+
+/// Transactional mode on the mock cluster. The mock accepts transactional
+/// calls but does not hide aborted messages from readers, so these tests
+/// assert on what the stage controls: the marks (durable only for a
+/// committed transaction) and the group's committed offsets.
+#[test]
+fn transactional_mode_marks_only_what_a_committed_transaction_holds() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("in", 2, 1).unwrap();
+    cluster.create_topic("out", 2, 1).unwrap();
+    cluster.create_topic("out-aborted", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let ids: Vec<String> = (0..40).map(|i| format!("t-{i}")).collect();
+    produce(&brokers, "in", &ids);
+    let state = tempfile::tempdir().unwrap();
+
+    // The coordinator refuses to end the transaction: it is aborted, the
+    // stage stops with the error, and no mark of it survives a reopen.
+    cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::EndTxn,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE; 4],
+    );
+    // (To a topic of its own: the mock would show the aborted messages to
+    // the next run's read-back, which a real broker hides.)
+    let (r, summary) = run_transactional(&brokers, state.path(), "out-aborted", 40);
+    let err = r.expect_err("the commit was refused");
+    assert!(err.to_string().contains("aborted"), "{err}");
+    assert_eq!(summary.new, 40, "decided, emitted, then aborted");
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    assert!(
+        ids.iter().all(|id| !engine.contains(id).unwrap()),
+        "an aborted transaction leaves no mark"
+    );
+    drop(engine);
+    assert_eq!(
+        common::committed(&brokers, "tx-stage", "in", 2),
+        vec![-1, -1],
+        "and no committed offset"
+    );
+
+    // Without the error: committed, and every id marked durably.
+    cluster.clear_request_errors(rdkafka::types::RDKafkaApiKey::EndTxn);
+    let (r, summary) = run_transactional(&brokers, state.path(), "out", 40);
+    r.unwrap();
+    assert_eq!(summary.new, 40, "the aborted batch is handled again");
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    assert!(ids.iter().all(|id| engine.contains(id).unwrap()));
+}
+
+#[test]
+fn a_broker_outage_mid_run_is_waited_out_and_loses_nothing() {
+    // Input and group on broker 1, output on broker 2: the output's broker
+    // goes away while the stage has deliveries in flight.
+    let cluster = MockCluster::new(2).unwrap();
+    cluster.create_topic("in", 2, 1).unwrap();
+    cluster.create_topic("out", 2, 1).unwrap();
+    for p in 0..2 {
+        cluster.partition_leader("in", p, Some(1)).unwrap();
+        cluster.partition_leader("out", p, Some(2)).unwrap();
+    }
+    cluster
+        .coordinator(rdkafka::mocking::MockCoordinator::Group("outage".into()), 1)
+        .unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut ids: Vec<String> = (0..5000).map(|i| format!("o-{i}")).collect();
+    for i in 0..1000 {
+        ids.insert(i * 5 + 2, format!("o-{}", i * 4));
+    }
+    produce(&brokers, "in", &ids);
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    let mut config = StageConfig::new(&brokers, "outage", &["in"], "out");
+    config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    config.producer.message_timeout = Duration::from_millis(500);
+    config.producer.retry.first = Duration::from_millis(50);
+    config.producer.breaker.open_for = Duration::from_millis(300);
+    let stats = Arc::new(StageStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut summary = Summary::default();
+    std::thread::scope(|scope| {
+        let stage = scope.spawn(|| {
+            stage::run(
+                &config,
+                &engine,
+                state.path(),
+                OnInvalid::Skip,
+                16,
+                Arc::clone(&stop),
+                &stats,
+                &mut summary,
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stats.produced.load(Relaxed) < 20 {
+            if stage.is_finished() {
+                panic!("the stage stopped: {:?}", stage.join().unwrap());
+            }
+            assert!(Instant::now() < deadline, "no progress before the outage");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cluster.broker_down(2).unwrap();
+        let read_at_outage = stats.read.load(Relaxed);
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.broker_up(2).unwrap();
+        assert!(
+            read_at_outage < ids.len() as u64,
+            "the outage landed mid-stream ({read_at_outage} read)"
+        );
+        println!(
+            "outage after {read_at_outage} of {} messages; delivery failures {}",
+            ids.len(),
+            stats.sink.failed.load(Relaxed)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stats.read.load(Relaxed) < ids.len() as u64 || stats.batches.load(Relaxed) == 0 {
+            if stage.is_finished() {
+                panic!("the stage stopped: {:?}", stage.join().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the stage did not resume: read {}",
+                stats.read.load(Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Relaxed);
+        stage
+            .join()
+            .unwrap()
+            .expect("the stage waited the outage out");
+    });
+    let out = read_topic(&brokers, "out", 5000);
+    let mut count: HashMap<&str, u32> = HashMap::new();
+    for (id, _) in &out {
+        *count.entry(id.as_str()).or_default() += 1;
+    }
+    assert_eq!(count.len(), 5000, "every id in the output");
+    assert!(count.values().all(|&n| n == 1), "each once");
+    assert!(
+        stats.sink.failed.load(Relaxed) > 0,
+        "the outage failed deliveries in flight"
+    );
+}

@@ -69,6 +69,11 @@ pub(crate) struct KafkaArgs {
     /// How long the breaker stays open before a probe.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     breaker_open_for: std::time::Duration,
+    /// Produce and commit the input offsets in one Kafka transaction per
+    /// batch, with this transactional.id (for readers with
+    /// isolation.level=read_committed).
+    #[arg(long)]
+    transactional_id: Option<String>,
     /// A librdkafka consumer property, KEY=VALUE (repeatable).
     #[arg(short = 'X', value_parser = parse_property)]
     consumer_property: Vec<(String, String)>,
@@ -168,6 +173,7 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     producer.breaker.failures = args.breaker_failures.max(1);
     producer.breaker.open_for = args.breaker_open_for;
     producer.properties = args.producer_property;
+    producer.transactional_id = args.transactional_id;
     let stats = Arc::new(StageStats::default());
     if let Some(addr) = metrics_addr {
         let stats = Arc::clone(&stats);

@@ -779,16 +779,28 @@ enum Step<'a, R> {
 /// Errors from `recv` that no retry will mend: the loop stops with them
 /// instead of logging them forever.
 fn fatal(e: &KafkaError) -> Option<ConsumeError> {
-    use rdkafka::types::RDKafkaErrorCode as Code;
     match e {
-        KafkaError::MessageConsumption(
-            code @ (Code::UnknownTopicOrPartition
-            | Code::UnknownTopic
-            | Code::TopicAuthorizationFailed
-            | Code::GroupAuthorizationFailed),
-        ) => Some(ConsumeError::Kafka(KafkaError::MessageConsumption(*code))),
+        KafkaError::MessageConsumption(code) if fatal_to_consumers(e) => {
+            Some(ConsumeError::Kafka(KafkaError::MessageConsumption(*code)))
+        }
         _ => None,
     }
+}
+
+/// A consumer error that waiting will not mend (a missing topic, no
+/// authorization); anything else (brokers down, timeouts, a rebalance)
+/// librdkafka recovers from by itself.
+pub(crate) fn fatal_to_consumers(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            Code::UnknownTopicOrPartition
+                | Code::UnknownTopic
+                | Code::TopicAuthorizationFailed
+                | Code::GroupAuthorizationFailed
+        )
+    )
 }
 
 /// `d` scaled by a factor in 0.5..1.5, so retries of many consumers spread.

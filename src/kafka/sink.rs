@@ -208,6 +208,9 @@ pub struct SinkConfig {
     /// `message.timeout.ms`: how long librdkafka itself keeps trying one
     /// message before reporting it failed (then [`Retry`] takes over).
     pub message_timeout: Duration,
+    /// Produce inside Kafka transactions with this `transactional.id`
+    /// (see [`KafkaSink::commit_transaction`]); `None`: idempotent only.
+    pub transactional_id: Option<String>,
     /// Any other librdkafka producer property, applied last.
     pub properties: Vec<(String, String)>,
 }
@@ -227,6 +230,7 @@ impl SinkConfig {
             retry: Retry::default(),
             breaker: BreakerConfig::default(),
             message_timeout: Duration::from_secs(30),
+            transactional_id: None,
             properties: Vec::new(),
         }
     }
@@ -251,6 +255,9 @@ impl SinkConfig {
             // A missing topic is an error to report, not one to create
             // with the broker's default partition count.
             .set("allow.auto.create.topics", "false");
+        if let Some(id) = &self.transactional_id {
+            c.set("transactional.id", id);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -295,6 +302,12 @@ pub enum SinkError {
         /// The last broker error.
         last: String,
     },
+    /// Deliveries failed after their requests may have reached a broker:
+    /// resending could write them twice, so the sink does not. A Kafka
+    /// stage answers this by reading the output back (as after a crash)
+    /// before it goes on.
+    #[error("kafka sink: {0} deliveries failed after they may have been written")]
+    Uncertain(u64),
     /// A failure that retrying cannot fix (a message too large, no
     /// authorization, an unknown topic or partition).
     #[error("kafka sink: {0}")]
@@ -303,6 +316,10 @@ pub enum SinkError {
     /// partitioning.
     #[error("kafka sink: {0}")]
     Topic(String),
+    /// A transaction did not commit; it was aborted (or the producer was
+    /// fenced): none of its messages or offsets count.
+    #[error("kafka sink: transaction aborted: {0}")]
+    Aborted(String),
     /// A librdkafka call failed.
     #[error("kafka sink: {0}")]
     Kafka(#[from] KafkaError),
@@ -368,8 +385,13 @@ struct State {
     consecutive_failures: u32,
     delivered: u64,
     positions: HashMap<i32, i64>,
-    /// Failed, retriable: sent again by the next flush round, in order.
+    /// Failed, retriable, and never written: sent again by the next flush
+    /// round, in order.
     retry: Vec<OwnedMessage>,
+    /// Failed after they may have been written (the connection dropped
+    /// with the request in flight): sending them again could write them
+    /// twice, so the flush reports them instead.
+    uncertain: u64,
     last_error: Option<String>,
     fatal: Option<String>,
 }
@@ -397,7 +419,11 @@ impl Shared {
                     s.fatal.get_or_insert_with(|| e.to_string());
                     return;
                 }
-                s.retry.push(m.detach());
+                if possibly_written(m) {
+                    s.uncertain += 1;
+                } else {
+                    s.retry.push(m.detach());
+                }
                 s.consecutive_failures += 1;
                 let trip = match s.breaker {
                     BreakerState::HalfOpen => true,
@@ -423,6 +449,17 @@ fn set_breaker(stats: &SinkStats, s: &mut State, to: BreakerState) {
         BreakerState::HalfOpen => 2,
     };
     stats.breaker_state.store(code, Relaxed);
+}
+
+/// Whether a failed message may nevertheless be in the log: librdkafka
+/// knows whether the request left before the failure.
+fn possibly_written(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    use rdkafka::bindings::rd_kafka_msg_status_t as Status;
+    #[allow(unsafe_code)]
+    // SAFETY: `m` is a live delivery-report message; librdkafka's status
+    // accessor only reads it.
+    let status = unsafe { rdkafka::bindings::rd_kafka_message_status(m.ptr()) };
+    status != Status::RD_KAFKA_MSG_STATUS_NOT_PERSISTED
 }
 
 /// Failures another attempt can fix: brokers down, slow or moving
@@ -484,6 +521,9 @@ pub struct KafkaSink {
     /// The longest a flush waits for librdkafka to report (its own
     /// message timeout plus slack).
     report_within: Duration,
+    /// Transactional: a transaction is open.
+    transactional: bool,
+    in_transaction: bool,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -515,6 +555,7 @@ impl KafkaSink {
                 delivered: 0,
                 positions: HashMap::new(),
                 retry: Vec::new(),
+                uncertain: 0,
                 last_error: None,
                 fatal: None,
             }),
@@ -547,7 +588,7 @@ impl KafkaSink {
                 )));
             }
         }
-        Ok(KafkaSink {
+        KafkaSink {
             producer,
             shared,
             partitioning: config.partitioning.clone(),
@@ -556,6 +597,67 @@ impl KafkaSink {
             next_round_robin: 0,
             batch: (0, None),
             report_within: config.message_timeout + Duration::from_secs(5),
+            transactional: false,
+            in_transaction: false,
+        }
+        .transactions(config)
+    }
+
+    /// With a `transactional_id`: register it with the coordinator (which
+    /// fences an older producer of the same id and aborts what it left
+    /// open), within `message_timeout`.
+    fn transactions(mut self, config: &SinkConfig) -> Result<Self, SinkError> {
+        if config.transactional_id.is_some() {
+            self.producer.init_transactions(config.message_timeout)?;
+            self.transactional = true;
+        }
+        Ok(self)
+    }
+
+    /// Whether this sink produces inside transactions.
+    pub fn is_transactional(&self) -> bool {
+        self.transactional
+    }
+
+    fn begin_if_needed(&mut self) -> Result<(), SinkError> {
+        if self.transactional && !self.in_transaction {
+            self.producer.begin_transaction()?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Transactional mode: wait for every delivery of the open transaction,
+    /// add the consumer's `offsets` to it, and commit it, so the output and
+    /// the input offsets count together or not at all. Any failure aborts
+    /// the transaction and is returned ([`SinkError::Aborted`]): nothing of
+    /// it is visible to `read_committed` readers, and the caller must not
+    /// mark its ids.
+    pub fn commit_transaction(
+        &mut self,
+        offsets: &rdkafka::TopicPartitionList,
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<Flushed, SinkError> {
+        if !self.transactional {
+            return Err(SinkError::Fatal(
+                "commit_transaction on a sink without a transactional id".into(),
+            ));
+        }
+        let outcome = self.flush().and_then(|flushed| {
+            self.begin_if_needed()?;
+            self.producer
+                .send_offsets_to_transaction(offsets, group, self.report_within)?;
+            self.producer.commit_transaction(self.report_within)?;
+            Ok(flushed)
+        });
+        self.in_transaction = false;
+        outcome.map_err(|e| {
+            let why = e.to_string();
+            if let Err(a) = self.producer.abort_transaction(self.report_within) {
+                tracing::warn!(error = %a, "kafka sink: aborting the transaction failed");
+            }
+            self.shared.state.lock().positions.clear();
+            SinkError::Aborted(why)
         })
     }
 
@@ -578,6 +680,7 @@ impl KafkaSink {
     /// producer's queue is full) rather than buffering without bound.
     pub fn send(&mut self, record: Record<'_>) -> Result<(), SinkError> {
         self.check_breaker()?;
+        self.begin_if_needed()?;
         let partition = match record.topic {
             Some(_) => None,
             None => self.partition_for(&record)?,
@@ -694,19 +797,34 @@ impl KafkaSink {
         let mut attempt = 0u32;
         loop {
             self.wait_for_reports()?;
-            let (retry, fatal, last) = {
+            let (retry, fatal, uncertain, last) = {
                 let mut s = self.shared.state.lock();
                 (
                     std::mem::take(&mut s.retry),
                     s.fatal.take(),
+                    std::mem::take(&mut s.uncertain),
                     s.last_error.clone(),
                 )
             };
             if let Some(e) = fatal {
                 return Err(SinkError::Fatal(e));
             }
+            if uncertain > 0 {
+                // Never-written failures of this round are dropped with the
+                // batch: the caller redoes it.
+                return Err(SinkError::Uncertain(uncertain));
+            }
             if retry.is_empty() {
                 break;
+            }
+            if self.transactional {
+                // A transaction with a failed message cannot commit.
+                self.shared.state.lock().retry.clear();
+                return Err(SinkError::Fatal(format!(
+                    "{} deliveries failed inside a transaction: {}",
+                    retry.len(),
+                    last.unwrap_or_default()
+                )));
             }
             let since = *first_failure.get_or_insert_with(Instant::now);
             if since.elapsed() >= self.retry.give_up_after {

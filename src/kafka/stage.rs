@@ -294,16 +294,35 @@ impl ConsumerContext for LagContext {}
 /// Output positions a flush reached, handed from the sink to the source.
 type Delivered = Arc<Mutex<Positions>>;
 
+/// Input offsets to commit: (input topic's index, partition) → next offset.
+type Pending = Arc<Mutex<HashMap<(usize, i32), i64>>>;
+
+/// The input offsets as librdkafka wants them.
+fn offsets_to_commit(
+    inputs: &[String],
+    pending: HashMap<(usize, i32), i64>,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in pending {
+        if let Some(topic) = inputs.get(t) {
+            tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+        }
+    }
+    Ok(tpl)
+}
+
 /// The input side of the stage.
 pub struct KafkaSource {
-    consumer: BaseConsumer<LagContext>,
+    consumer: Arc<BaseConsumer<LagContext>>,
     ids: IdStrategy,
     item: Option<StageItem>,
     /// The input topics, in subscription order.
     inputs: Vec<String>,
     /// Next offset to commit, per (input topic's index, partition), since
-    /// the last ack: no allocation per message.
-    pending: HashMap<(usize, i32), i64>,
+    /// the last ack: no allocation per message. Shared with the sink,
+    /// which commits them inside its transaction in transactional mode.
+    pending: Pending,
+    transactional: bool,
     delivered: Delivered,
     covered: Positions,
     /// `covered` has moved since it was last written.
@@ -313,6 +332,8 @@ pub struct KafkaSource {
     checkpoint: PathBuf,
     stop: Arc<AtomicBool>,
     stats: Arc<StageStats>,
+    /// When a transient consumer error was last logged.
+    warned: Option<Instant>,
 }
 
 impl KafkaSource {
@@ -332,8 +353,8 @@ impl KafkaSource {
         for (k, v) in &config.consumer_properties {
             client.set(k, v);
         }
-        let consumer: BaseConsumer<LagContext> =
-            client.create_with_context(LagContext(Arc::clone(&stats)))?;
+        let consumer: Arc<BaseConsumer<LagContext>> =
+            Arc::new(client.create_with_context(LagContext(Arc::clone(&stats)))?);
         let meta = consumer.fetch_metadata(None, config.timeout)?;
         for input in &config.inputs {
             let found = meta
@@ -353,7 +374,8 @@ impl KafkaSource {
             ids: config.ids.clone(),
             inputs: config.inputs.clone(),
             item: None,
-            pending: HashMap::new(),
+            pending: Pending::default(),
+            transactional: config.producer.transactional_id.is_some(),
             delivered,
             covered: read_checkpoint(&checkpoint)?,
             unrecorded: false,
@@ -362,6 +384,7 @@ impl KafkaSource {
             checkpoint,
             stop,
             stats,
+            warned: None,
         })
     }
 }
@@ -382,14 +405,30 @@ impl Source for KafkaSource {
             match self.consumer.poll(wait) {
                 None if may_block => continue,
                 None => return Ok(Next::Idle),
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) if super::consumer::fatal_to_consumers(&e) => return Err(e.into()),
+                Some(Err(e)) => {
+                    // Brokers down, a timeout: librdkafka reconnects by
+                    // itself; the stage waits (and says so, now and then).
+                    if self
+                        .warned
+                        .map_or(true, |t| t.elapsed() > Duration::from_secs(5))
+                    {
+                        tracing::warn!(error = %e, "seen kafka: consumer error; waiting for the brokers");
+                        self.warned = Some(Instant::now());
+                    }
+                    if !may_block {
+                        return Ok(Next::Idle);
+                    }
+                }
                 Some(Ok(m)) => {
                     let msg = m.detach();
                     drop(m);
                     self.stats.read.fetch_add(1, Relaxed);
                     let id = self.ids.id_of(&msg).map(Cow::into_owned);
                     if let Some(t) = self.inputs.iter().position(|t| t == msg.topic()) {
-                        self.pending.insert((t, msg.partition()), msg.offset() + 1);
+                        self.pending
+                            .lock()
+                            .insert((t, msg.partition()), msg.offset() + 1);
                     }
                     self.item = Some(StageItem { msg, id });
                     return Ok(self.item.as_ref().map_or(Next::Idle, Next::Item));
@@ -417,15 +456,12 @@ impl Source for KafkaSource {
             self.recorded_at = Instant::now();
         }
         self.stats.batches.fetch_add(1, Relaxed);
-        if self.pending.is_empty() {
+        let pending = std::mem::take(&mut *self.pending.lock());
+        if self.transactional || pending.is_empty() {
+            // Transactional: committed with the batch's transaction.
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in self.pending.drain() {
-            if let Some(topic) = self.inputs.get(t) {
-                tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
-            }
-        }
+        let tpl = offsets_to_commit(&self.inputs, pending)?;
         let r = self.consumer.commit(&tpl, CommitMode::Sync);
         drop(tpl);
         if let Err(e) = r {
@@ -442,6 +478,15 @@ pub struct StageSink {
     dead_letter_topic: Option<String>,
     delivered: Delivered,
     stats: Arc<StageStats>,
+    /// Transactional mode: the input side whose offsets go in each
+    /// transaction.
+    transaction: Option<TransactionInput>,
+}
+
+struct TransactionInput {
+    consumer: Arc<BaseConsumer<LagContext>>,
+    pending: Pending,
+    inputs: Vec<String>,
 }
 
 impl Sink<StageItem> for StageSink {
@@ -474,8 +519,24 @@ impl Sink<StageItem> for StageSink {
         Ok(())
     }
 
+    /// Every output delivered; in transactional mode, also the input
+    /// offsets added to the transaction and the transaction committed
+    /// (before the loop logs any mark of it: an aborted batch leaves none).
     fn flush(&mut self) -> Result<(), BoxError> {
-        let flushed = self.sink.flush()?;
+        let flushed = match &self.transaction {
+            None => self.sink.flush()?,
+            Some(t) => {
+                let pending = std::mem::take(&mut *t.pending.lock());
+                let tpl = offsets_to_commit(&t.inputs, pending)?;
+                let group = t
+                    .consumer
+                    .group_metadata()
+                    .ok_or("transactional mode: the consumer has no group metadata")?;
+                let r = self.sink.commit_transaction(&tpl, &group);
+                drop((tpl, group));
+                r?
+            }
+        };
         if !flushed.positions.is_empty() {
             let mut d = self.delivered.lock();
             for (p, o) in flushed.positions {
@@ -517,13 +578,28 @@ pub fn source_and_sink(
     stats: &Arc<StageStats>,
 ) -> Result<(KafkaSource, StageSink), BoxError> {
     let delivered = Delivered::default();
+    // Producer first: a missing output topic is reported before the group
+    // join.
+    let producer = KafkaSink::with_stats(&config.producer, Arc::clone(&stats.sink))?;
+    let source = KafkaSource::new(
+        config,
+        state,
+        Arc::clone(&delivered),
+        stop,
+        Arc::clone(stats),
+    )?;
+    let transaction = producer.is_transactional().then(|| TransactionInput {
+        consumer: Arc::clone(&source.consumer),
+        pending: Arc::clone(&source.pending),
+        inputs: source.inputs.clone(),
+    });
     let sink = StageSink {
-        sink: KafkaSink::with_stats(&config.producer, Arc::clone(&stats.sink))?,
+        sink: producer,
         dead_letter_topic: config.dead_letter_topic.clone(),
-        delivered: Arc::clone(&delivered),
+        delivered,
         stats: Arc::clone(stats),
+        transaction,
     };
-    let source = KafkaSource::new(config, state, delivered, stop, Arc::clone(stats))?;
     Ok((source, sink))
 }
 
@@ -555,20 +631,37 @@ pub fn run(
         )
         .into());
     }
-    // Producer first: a missing output topic is reported before the
-    // read-back or the group join.
-    let (source, mut sink) =
-        source_and_sink(config, state, stop, stats).map_err(StageError::Source)?;
-    let read = read_back(config, engine, state).map_err(StageError::Source)?;
-    stats.read_back.store(read, Relaxed);
-    let mut source = DurableAcks { source, engine };
-    let options = crate::stage::StageOptions {
-        id: IdSpec::Whole,
-        batch,
-        on_invalid,
-    };
-    crate::stage::run(engine, &mut source, &mut sink, &options, summary)?;
-    Ok(read)
+    let mut read_total = 0;
+    loop {
+        let (source, mut sink) =
+            source_and_sink(config, state, Arc::clone(&stop), stats).map_err(StageError::Source)?;
+        let read = read_back(config, engine, state).map_err(StageError::Source)?;
+        read_total += read;
+        stats.read_back.fetch_add(read, Relaxed);
+        let mut source = DurableAcks { source, engine };
+        let options = crate::stage::StageOptions {
+            id: IdSpec::Whole,
+            batch,
+            on_invalid,
+        };
+        match crate::stage::run(engine, &mut source, &mut sink, &options, summary) {
+            Err(StageError::Sink(e))
+                if matches!(
+                    e.downcast_ref::<super::sink::SinkError>(),
+                    Some(super::sink::SinkError::Uncertain(_))
+                ) =>
+            {
+                // Some outputs of the abandoned batch may be in the topic:
+                // start over as after a crash (new consumer from the
+                // committed offsets, read-back first). The batch's marks
+                // were released, so nothing it held is lost.
+                tracing::warn!(error = %e, "seen kafka: delivery outcome unknown; reading the output back before going on");
+                drop((source, sink));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => return other.map(|()| read_total),
+        }
+    }
 }
 
 /// Makes the batch's marks durable before the source acknowledges it,

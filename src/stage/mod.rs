@@ -218,8 +218,10 @@ where
             });
             match decision {
                 Ok(Ok((Deferred::New(mark), id))) => {
-                    sink.emit(item, Some(&id)).map_err(StageError::Sink)?;
                     marks.push(mark);
+                    if let Err(e) = sink.emit(item, Some(&id)) {
+                        return Err(abandon(engine, &marks, StageError::Sink(e)));
+                    }
                     summary.new += 1;
                 }
                 Ok(Ok((Deferred::Duplicate, _))) => summary.duplicate += 1,
@@ -231,12 +233,16 @@ where
                 Err(why) => {
                     summary.invalid += 1;
                     sink.invalid(summary.read, &why, options.on_invalid);
+                    let sent = match options.on_invalid {
+                        OnInvalid::Skip | OnInvalid::Fail => Ok(()),
+                        OnInvalid::Pass => sink.emit(item, None),
+                        OnInvalid::DeadLetter => sink.dead_letter(item, &why),
+                    };
+                    if let Err(e) = sent {
+                        return Err(abandon(engine, &marks, StageError::Sink(e)));
+                    }
                     match options.on_invalid {
-                        OnInvalid::Skip => {}
-                        OnInvalid::Pass => sink.emit(item, None).map_err(StageError::Sink)?,
-                        OnInvalid::DeadLetter => {
-                            sink.dead_letter(item, &why).map_err(StageError::Sink)?
-                        }
+                        OnInvalid::Skip | OnInvalid::Pass | OnInvalid::DeadLetter => {}
                         OnInvalid::Fail => {
                             finish_batch(engine, source, sink, &marks, summary)?;
                             return Err(StageError::Invalid {
@@ -257,6 +263,16 @@ where
     }
 }
 
+/// The batch's items may not have been delivered: take its marks back out
+/// of memory (they were never logged), so the ids are new again to a
+/// caller that retries with the same engine.
+fn abandon(engine: &Engine, marks: &[crate::PendingMark], e: StageError) -> StageError {
+    for &m in marks {
+        engine.release(m);
+    }
+    e
+}
+
 /// Flush, then commit the marks, then acknowledge: in that order.
 fn finish_batch<S: Source, K: Sink<S::Item>>(
     engine: &Engine,
@@ -265,7 +281,9 @@ fn finish_batch<S: Source, K: Sink<S::Item>>(
     marks: &[crate::PendingMark],
     summary: &mut Summary,
 ) -> Result<(), StageError> {
-    sink.flush().map_err(StageError::Sink)?;
+    if let Err(e) = sink.flush() {
+        return Err(abandon(engine, marks, StageError::Sink(e)));
+    }
     engine.commit(marks)?;
     source.ack().map_err(StageError::Source)?;
     summary.batches += 1;
@@ -372,5 +390,55 @@ mod tests {
             run(&engine, &mut src, &mut out, &opts, &mut summary),
             Err(StageError::Sink(_))
         ));
+    }
+
+    /// Emits fine, then fails to deliver.
+    struct Undeliverable;
+
+    impl Sink<[u8]> for Undeliverable {
+        fn emit(&mut self, _: &[u8], _: Option<&[u8]>) -> Result<(), BoxError> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), BoxError> {
+            Err("brokers gone".into())
+        }
+    }
+
+    #[test]
+    fn a_batch_that_was_not_delivered_leaves_its_ids_new() {
+        let engine = Engine::builder().build().unwrap();
+        let items = ["a", "b"].map(|s| s.as_bytes().to_vec()).to_vec();
+        let mut src = Script {
+            items: items.clone(),
+            ..Default::default()
+        };
+        let err = run(
+            &engine,
+            &mut src,
+            &mut Undeliverable,
+            &StageOptions::default(),
+            &mut Summary::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StageError::Sink(_)), "{err}");
+        assert!(src.log.is_empty(), "nothing acknowledged");
+        // A retry with the same engine delivers them: they are not
+        // remembered as seen.
+        assert!(!engine.contains("a").unwrap() && !engine.contains("b").unwrap());
+        let mut src = Script {
+            items,
+            ..Default::default()
+        };
+        let mut out = Out::default();
+        let mut summary = Summary::default();
+        run(
+            &engine,
+            &mut src,
+            &mut out,
+            &StageOptions::default(),
+            &mut summary,
+        )
+        .unwrap();
+        assert_eq!(summary.new, 2);
     }
 }
