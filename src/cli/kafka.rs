@@ -139,6 +139,12 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     // Marks in their own store; output positions beside it.
     config.state_dir = Some(state.join("marks"));
+    // The stage makes its marks durable itself, before it records output
+    // positions (about once a second); a sync per batch buys nothing, so
+    // unless asked for, batches are not synced one by one.
+    if args.engine.durability.is_none() && std::env::var_os("SEEN_DURABILITY").is_none() {
+        config.durability = seen::Durability::None;
+    }
     // Served below, with the stage's metrics.
     let metrics_addr = config.metrics_addr.take();
     #[cfg(feature = "postgres")]

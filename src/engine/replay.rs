@@ -19,6 +19,7 @@ pub(super) struct SetReplay<'a> {
 impl Replay for SetReplay<'_> {
     fn reserve(&self, records: u64) {
         self.set.reserve(records as usize, self.now);
+        self.set.prefault();
     }
 
     fn apply(&self, records: &[Record]) -> (u64, u64) {

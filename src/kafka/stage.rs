@@ -389,6 +389,18 @@ impl KafkaSource {
     }
 }
 
+impl KafkaSource {
+    fn record_due(&self) -> bool {
+        self.stop.load(Relaxed) || self.recorded_at.elapsed() >= self.record_every
+    }
+
+    /// The next ack records output positions (the marks must be durable
+    /// first).
+    fn positions_due(&self) -> bool {
+        (self.unrecorded || !self.delivered.lock().is_empty()) && self.record_due()
+    }
+}
+
 impl Source for KafkaSource {
     type Item = StageItem;
 
@@ -448,9 +460,7 @@ impl Source for KafkaSource {
         }
         // Recording less often only widens the read-back after a crash
         // (to what was produced since): it never lets it skip an output.
-        if self.unrecorded
-            && (self.stop.load(Relaxed) || self.recorded_at.elapsed() >= self.record_every)
-        {
+        if self.unrecorded && self.record_due() {
             write_checkpoint(&self.checkpoint, &self.covered)?;
             self.unrecorded = false;
             self.recorded_at = Instant::now();
@@ -664,10 +674,14 @@ pub fn run(
     }
 }
 
-/// Makes the batch's marks durable before the source acknowledges it,
-/// whatever the engine's durability (`None` and `Periodic` included): the
-/// recorded output positions and the committed offsets then never run
-/// ahead of the marks.
+/// Makes the marks durable before the source records output positions,
+/// whatever the engine's durability: recorded positions never run ahead of
+/// durable marks, which is all the read-back needs. Batches in between are
+/// not synced one by one (with `Durability::None` the marks still survive
+/// a kill -9 in the page cache; what a power loss takes, the read-back
+/// from the last recorded positions restores). Committing input offsets
+/// ahead of durable marks is safe for the same reason: their outputs lie
+/// after the recorded positions.
 struct DurableAcks<'a> {
     source: KafkaSource,
     engine: &'a Engine,
@@ -681,7 +695,8 @@ impl Source for DurableAcks<'_> {
     }
 
     fn ack(&mut self) -> Result<(), BoxError> {
-        if self.engine.durability() != Some(crate::Durability::Sync) {
+        if self.source.positions_due() && self.engine.durability() != Some(crate::Durability::Sync)
+        {
             self.engine.sync()?;
         }
         self.source.ack()

@@ -289,6 +289,15 @@ impl ShardedSet {
         }
     }
 
+    /// Back every shard's table with written pages now (see
+    /// [`Table::prefault`]): before a replay fills them.
+    pub(crate) fn prefault(&self) {
+        let guard = &epoch::pin();
+        for shard in self.shards.iter() {
+            Self::current(shard, guard).1.prefault();
+        }
+    }
+
     fn migrate_to(
         &self,
         shard: &Shard,
