@@ -292,6 +292,22 @@ fn run_with_kills(
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        if round == 0 {
+            // A second stage on the same state directory is refused at once.
+            let second = Command::new(env!("CARGO_BIN_EXE_seen"))
+                .args(["kafka", "--brokers", &tansu.brokers, "--group", "stage"])
+                .args(["--input", input, "--output", output, "--id", id])
+                .arg("--state")
+                .arg(state)
+                .output()
+                .unwrap();
+            assert!(!second.status.success());
+            let err = String::from_utf8_lossy(&second.stderr);
+            assert!(
+                err.contains("in use by another process"),
+                "a clear error: {err}"
+            );
+        }
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
