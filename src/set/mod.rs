@@ -344,6 +344,9 @@ impl ShardedSet {
         // above the ceiling's load): the table always has a free slot.
         slots = slots.max(entries.len() + entries.len() / 8 + SLOTS_PER_LINE_MIN);
         let new = Table::new(slots, MAX_LOAD, at_limit);
+        // The migration and the inserts after it touch every page of the
+        // new table; have them written in one call (see Table::prefault).
+        new.prefault();
         let mut earliest = Tick::MAX;
         for &(key, expiry) in &entries {
             let inserted = new.insert_unshared(key, expiry);
