@@ -159,7 +159,7 @@ impl DirStorage {
     }
 }
 
-fn preallocate(file: &File, size: usize) -> io::Result<()> {
+fn preallocate(file: &File, size: usize, mode: WriteMode) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     fail::fail_point!("wal::preallocate", |_| Err(io::Error::from_raw_os_error(
         libc::ENOSPC
@@ -168,11 +168,19 @@ fn preallocate(file: &File, size: usize) -> io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+    if rc == 0 && matches!(mode, WriteMode::Mapped) {
+        // Written through the mapping: leave the extents "unwritten". A
+        // page dirtied through a shared mapping over written zeros costs
+        // each msync filesystem work a pwrite does not (measured: zero-
+        // filled 1.1-1.5 ms per 32 KB sync, fallocated 0.41-0.46 ms).
+        return Ok(());
+    }
     if rc == 0 || rc == libc::EOPNOTSUPP || rc == libc::EINVAL {
         // fallocate reserves the blocks (so a full disk fails here, not as a
         // SIGBUS in the mapping), but leaves them "unwritten": every sync
         // that touches one would then convert extents in a journal commit.
-        // Writing real zeros once makes later syncs pure data writes.
+        // Writing real zeros once makes later pwrite+fdatasync syncs pure
+        // data writes.
         let zeros = vec![0u8; 1 << 20];
         let mut at = 0;
         while at < size {
@@ -261,7 +269,7 @@ impl Storage for DirStorage {
         let _ = fs::remove_file(&tmp);
         let file = Self::new_file(&tmp)?;
         let result = (|| {
-            preallocate(&file, size)?;
+            preallocate(&file, size, mode)?;
             #[cfg(feature = "failpoints")]
             fail::fail_point!("wal::write", |_| Err(io::Error::other(
                 "failpoint wal::write"
