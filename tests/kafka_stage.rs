@@ -368,6 +368,21 @@ fn invalid_ids_go_to_the_dead_letter_topic_with_the_reason() {
     watcher.join().unwrap();
     assert_eq!((summary.new, summary.invalid), (10, 3));
     assert_eq!(stats.dead_lettered.load(Relaxed), 3);
+    // The counts as Prometheus scrapes them.
+    let mut registry = prometheus_client::registry::Registry::default();
+    seen::metrics::register_stage(&mut registry, Arc::clone(&stats));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "seen_stage_read_total 13",
+        "seen_stage_produced_total 10",
+        "seen_stage_invalid_total 3",
+        "seen_stage_dead_lettered_total 3",
+        "seen_sink_sent_total 13",
+        "seen_sink_breaker_state 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
     let c = common::reader_from_start(&brokers, "dlq", 2);
     let mut reasons = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
