@@ -64,6 +64,49 @@ fn read_topic(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)
     out
 }
 
+/// Run the stage until `done` holds (checked every 50 ms, for up to 30 s),
+/// then stop it after a short grace period.
+fn run_until(
+    config: &StageConfig,
+    engine: &Engine,
+    state: &Path,
+    on_invalid: OnInvalid,
+    batch: usize,
+    done: impl Fn(&StageStats) -> bool + Send + 'static,
+) -> (
+    Result<u64, seen::stage::StageError>,
+    Summary,
+    Arc<StageStats>,
+) {
+    let stats = Arc::new(StageStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && !done(&stats) && !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(400));
+            stop.store(true, Relaxed);
+        })
+    };
+    let mut summary = Summary::default();
+    let r = stage::run(
+        config,
+        engine,
+        state,
+        on_invalid,
+        batch,
+        Arc::clone(&stop),
+        &stats,
+        &mut summary,
+    );
+    stop.store(true, Relaxed);
+    watcher.join().unwrap();
+    (r, summary, stats)
+}
+
 /// Run the stage until the output holds `until` messages, then stop it.
 fn run_stage(brokers: &str, state: &Path, until: usize) -> (Summary, u64) {
     let engine = Engine::builder()
@@ -72,32 +115,11 @@ fn run_stage(brokers: &str, state: &Path, until: usize) -> (Summary, u64) {
         .unwrap();
     let mut config = StageConfig::new(brokers, "stage", &["in"], "out");
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, brokers) = (Arc::clone(&stop), brokers.to_owned());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline && high_water(&brokers, "out") < until as i64 {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            stop.store(true, Relaxed);
-        })
-    };
-    let mut summary = Summary::default();
-    let read = stage::run(
-        &config,
-        &engine,
-        state,
-        OnInvalid::Skip,
-        64,
-        stop,
-        &Arc::new(StageStats::default()),
-        &mut summary,
-    )
-    .unwrap();
-    watcher.join().unwrap();
-    (summary, read)
+    let brokers = brokers.to_owned();
+    let (r, summary, _) = run_until(&config, &engine, state, OnInvalid::Skip, 64, move |_| {
+        high_water(&brokers, "out") >= until as i64
+    });
+    (summary, r.unwrap())
 }
 
 fn high_water(brokers: &str, topic: &str) -> i64 {
@@ -340,32 +362,15 @@ fn invalid_ids_go_to_the_dead_letter_topic_with_the_reason() {
     let mut config = StageConfig::new(&brokers, "stage", &["in"], "out");
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
     config.dead_letter_topic = Some("dlq".into());
-    let stats = Arc::new(StageStats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline && stats.read.load(Relaxed) < 13 {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            stop.store(true, Relaxed);
-        })
-    };
-    let mut summary = Summary::default();
-    stage::run(
+    let (r, summary, stats) = run_until(
         &config,
         &engine,
         state.path(),
         OnInvalid::DeadLetter,
         64,
-        stop,
-        &stats,
-        &mut summary,
-    )
-    .unwrap();
-    watcher.join().unwrap();
+        |s| s.read.load(Relaxed) >= 13,
+    );
+    r.unwrap();
     assert_eq!((summary.new, summary.invalid), (10, 3));
     assert_eq!(stats.dead_lettered.load(Relaxed), 3);
     // The counts as Prometheus scrapes them.
@@ -446,32 +451,9 @@ fn run_transactional(
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
     config.producer.transactional_id = Some("seen-test-tx".into());
     config.producer.message_timeout = Duration::from_secs(5);
-    let stats = Arc::new(StageStats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline && stats.read.load(Relaxed) < until {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            stop.store(true, Relaxed);
-        })
-    };
-    let mut summary = Summary::default();
-    let r = stage::run(
-        &config,
-        &engine,
-        state,
-        OnInvalid::Skip,
-        1000,
-        Arc::clone(&stop),
-        &stats,
-        &mut summary,
-    );
-    stop.store(true, Relaxed);
-    watcher.join().unwrap();
+    let (r, summary, _) = run_until(&config, &engine, state, OnInvalid::Skip, 1000, move |s| {
+        s.read.load(Relaxed) >= until
+    });
     (r, summary)
 }
 
