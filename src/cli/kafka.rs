@@ -251,7 +251,14 @@ impl Progress {
         let bar = if quiet {
             indicatif::ProgressBar::hidden()
         } else {
-            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
+                bar.set_style(style);
+            }
+            bar
         };
         let stop = Arc::new(AtomicBool::new(false));
         let thread = (!bar.is_hidden()).then(|| {
