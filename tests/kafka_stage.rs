@@ -483,7 +483,9 @@ fn transactional_mode_marks_only_what_a_committed_transaction_holds() {
     let (r, summary) = run_transactional(&brokers, state.path(), "out-aborted", 40);
     let err = r.expect_err("the commit was refused");
     assert!(err.to_string().contains("aborted"), "{err}");
-    assert_eq!(summary.new, 40, "decided, emitted, then aborted");
+    // The first batch (one partition's messages or both, as they were
+    // fetched) was decided and emitted, then aborted.
+    assert!(summary.new > 0 && summary.batches == 0, "{summary:?}");
     let engine = Engine::builder().open(state.path().join("marks")).unwrap();
     assert!(
         ids.iter().all(|id| !engine.contains(id).unwrap()),
