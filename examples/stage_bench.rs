@@ -32,7 +32,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use seen::kafka::sink::{KafkaSink, Record, SinkConfig};
 use seen::kafka::stage::{self, StageConfig, StageStats};
-use seen::stage::{OnInvalid, Summary};
+use seen::stage::Summary;
 use seen::Engine;
 
 const PARTITIONS: i32 = 8;
@@ -240,6 +240,7 @@ fn dedup_stage(brokers: &str, input: &str, output: &str, n: usize) -> Result<f64
         .open(dir.path().join("marks"))?;
     let mut config = StageConfig::new(brokers, &format!("seen-{output}"), &[input], output);
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    config.batch = BATCH;
     let stats = Arc::new(StageStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let watch = {
@@ -264,8 +265,6 @@ fn dedup_stage(brokers: &str, input: &str, output: &str, n: usize) -> Result<f64
         &config,
         &engine,
         dir.path(),
-        OnInvalid::Skip,
-        BATCH,
         stop,
         &stats,
         &mut Summary::default(),

@@ -70,8 +70,6 @@ fn run_until(
     config: &StageConfig,
     engine: &Engine,
     state: &Path,
-    on_invalid: OnInvalid,
-    batch: usize,
     done: impl Fn(&StageStats) -> bool + Send + 'static,
 ) -> (
     Result<u64, seen::stage::StageError>,
@@ -96,8 +94,6 @@ fn run_until(
         config,
         engine,
         state,
-        on_invalid,
-        batch,
         Arc::clone(&stop),
         &stats,
         &mut summary,
@@ -115,8 +111,9 @@ fn run_stage(brokers: &str, state: &Path, until: usize) -> (Summary, u64) {
         .unwrap();
     let mut config = StageConfig::new(brokers, "stage", &["in"], "out");
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    config.batch = 64;
     let brokers = brokers.to_owned();
-    let (r, summary, _) = run_until(&config, &engine, state, OnInvalid::Skip, 64, move |_| {
+    let (r, summary, _) = run_until(&config, &engine, state, move |_| {
         high_water(&brokers, "out") >= until as i64
     });
     (summary, r.unwrap())
@@ -362,14 +359,11 @@ fn invalid_ids_go_to_the_dead_letter_topic_with_the_reason() {
     let mut config = StageConfig::new(&brokers, "stage", &["in"], "out");
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
     config.dead_letter_topic = Some("dlq".into());
-    let (r, summary, stats) = run_until(
-        &config,
-        &engine,
-        state.path(),
-        OnInvalid::DeadLetter,
-        64,
-        |s| s.read.load(Relaxed) >= 13,
-    );
+    config.on_invalid = OnInvalid::DeadLetter;
+    config.batch = 64;
+    let (r, summary, stats) = run_until(&config, &engine, state.path(), |s| {
+        s.read.load(Relaxed) >= 13
+    });
     r.unwrap();
     assert_eq!((summary.new, summary.invalid), (10, 3));
     assert_eq!(stats.dead_lettered.load(Relaxed), 3);
@@ -421,8 +415,6 @@ fn a_missing_output_topic_and_a_second_stage_on_one_state_are_clear_errors() {
         &config,
         &engine,
         state.path(),
-        OnInvalid::Skip,
-        64,
         Arc::new(AtomicBool::new(false)),
         &Arc::new(StageStats::default()),
         &mut Summary::default(),
@@ -451,7 +443,7 @@ fn run_transactional(
     config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
     config.producer.transactional_id = Some("seen-test-tx".into());
     config.producer.message_timeout = Duration::from_secs(5);
-    let (r, summary, _) = run_until(&config, &engine, state, OnInvalid::Skip, 1000, move |s| {
+    let (r, summary, _) = run_until(&config, &engine, state, move |s| {
         s.read.load(Relaxed) >= until
     });
     (r, summary)
@@ -534,6 +526,7 @@ fn a_broker_outage_mid_run_is_waited_out_and_loses_nothing() {
     config.producer.message_timeout = Duration::from_millis(500);
     config.producer.retry.first = Duration::from_millis(50);
     config.producer.breaker.open_for = Duration::from_millis(300);
+    config.batch = 16;
     let stats = Arc::new(StageStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut summary = Summary::default();
@@ -543,8 +536,6 @@ fn a_broker_outage_mid_run_is_waited_out_and_loses_nothing() {
                 &config,
                 &engine,
                 state.path(),
-                OnInvalid::Skip,
-                16,
                 Arc::clone(&stop),
                 &stats,
                 &mut summary,

@@ -162,6 +162,8 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
         ids: args.id,
         consumer_properties: args.consumer_property,
         dead_letter_topic: args.dead_letter_topic,
+        on_invalid: args.on_invalid,
+        batch: args.batch.max(1),
         ..StageConfig::new(
             &brokers,
             &args.group,
@@ -200,8 +202,6 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
         &stage_config,
         &engine,
         &state,
-        args.on_invalid,
-        args.batch.max(1),
         stop_on_signals(),
         &stats,
         &mut summary,

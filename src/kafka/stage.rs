@@ -58,8 +58,12 @@ pub struct StageConfig {
     /// The producer: output topic (`producer.topic`), batching, linger,
     /// compression, partitioning, retries, breaker, `-P` properties.
     pub producer: SinkConfig,
+    /// What to do with a message whose id cannot be read.
+    pub on_invalid: OnInvalid,
     /// Where invalid messages go under [`OnInvalid::DeadLetter`].
     pub dead_letter_topic: Option<String>,
+    /// Messages decided per batch (one flush, one offset commit each).
+    pub batch: usize,
     /// How often the output positions covered by durable marks are
     /// recorded (one file write and fsync each): the read-back after a
     /// crash covers at most what was produced since, plus one batch.
@@ -78,7 +82,9 @@ impl StageConfig {
             ids: IdStrategy::default(),
             consumer_properties: Vec::new(),
             producer: SinkConfig::new(brokers, output),
+            on_invalid: OnInvalid::Skip,
             dead_letter_topic: None,
+            batch: 1000,
             record_positions_every: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
         }
@@ -617,13 +623,10 @@ pub fn source_and_sink(
 /// the input fails). `engine` holds the marks (open it in a directory of
 /// its own, e.g. `state/marks`); `state` holds the output positions.
 /// Returns how many output messages the read-back found.
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     config: &StageConfig,
     engine: &Engine,
     state: &Path,
-    on_invalid: OnInvalid,
-    batch: usize,
     stop: Arc<AtomicBool>,
     stats: &Arc<StageStats>,
     summary: &mut crate::stage::Summary,
@@ -635,7 +638,7 @@ pub fn run(
         )
         .into());
     }
-    if on_invalid == OnInvalid::DeadLetter && config.dead_letter_topic.is_none() {
+    if config.on_invalid == OnInvalid::DeadLetter && config.dead_letter_topic.is_none() {
         return Err(crate::Error::Config(
             "the dead-letter policy needs a dead-letter topic".into(),
         )
@@ -651,8 +654,8 @@ pub fn run(
         let mut source = DurableAcks { source, engine };
         let options = crate::stage::StageOptions {
             id: IdSpec::Whole,
-            batch,
-            on_invalid,
+            batch: config.batch.max(1),
+            on_invalid: config.on_invalid,
         };
         match crate::stage::run(engine, &mut source, &mut sink, &options, summary) {
             Err(StageError::Sink(e))
