@@ -519,8 +519,10 @@ pub struct KafkaSink {
     /// Messages sent since the last flush, and when the first went out.
     batch: (u64, Option<Instant>),
     /// The longest a flush waits for librdkafka to report (its own
-    /// message timeout plus slack).
+    /// message timeout plus the retry budget).
     report_within: Duration,
+    /// Bound of one transactional call (send offsets, commit, abort).
+    call_within: Duration,
     /// Transactional: a transaction is open.
     transactional: bool,
     in_transaction: bool,
@@ -596,7 +598,12 @@ impl KafkaSink {
             retry: config.retry,
             next_round_robin: 0,
             batch: (0, None),
-            report_within: config.message_timeout + Duration::from_secs(5),
+            // librdkafka reports every message eventually: a queued one
+            // within `message.timeout.ms`, one in a request on a dead
+            // connection only when that request times out. Wait for that
+            // as long as the retry budget, still a bounded wait.
+            report_within: config.message_timeout + config.retry.give_up_after,
+            call_within: config.message_timeout + Duration::from_secs(5),
             transactional: false,
             in_transaction: false,
         }
@@ -646,14 +653,14 @@ impl KafkaSink {
         let outcome = self.flush().and_then(|flushed| {
             self.begin_if_needed()?;
             self.producer
-                .send_offsets_to_transaction(offsets, group, self.report_within)?;
-            self.producer.commit_transaction(self.report_within)?;
+                .send_offsets_to_transaction(offsets, group, self.call_within)?;
+            self.producer.commit_transaction(self.call_within)?;
             Ok(flushed)
         });
         self.in_transaction = false;
         outcome.map_err(|e| {
             let why = e.to_string();
-            if let Err(a) = self.producer.abort_transaction(self.report_within) {
+            if let Err(a) = self.producer.abort_transaction(self.call_within) {
                 tracing::warn!(error = %a, "kafka sink: aborting the transaction failed");
             }
             self.shared.state.lock().positions.clear();

@@ -245,7 +245,15 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
                 open.remove(&p);
                 progress = Instant::now();
             }
-            Some(Err(e)) => return Err(format!("reading back {}: {e}", config.output()).into()),
+            Some(Err(e)) if super::consumer::fatal_to_consumers(&e) => {
+                return Err(format!("reading back {}: {e}", config.output()).into())
+            }
+            Some(Err(e)) => {
+                // Brokers down or reconnecting (the read-back after a
+                // failed delivery runs while they may still be): wait, up
+                // to the no-progress bound above.
+                tracing::debug!(error = %e, "seen kafka: read-back waiting for the brokers");
+            }
             Some(Ok(m)) => {
                 read += 1;
                 progress = Instant::now();
