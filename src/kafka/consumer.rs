@@ -30,7 +30,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
@@ -76,15 +76,7 @@ pub const DEAD_LETTER_ORIGIN_HEADER: &str = "seen-dead-letter-origin";
 
 /// A dead letter's headers: the message's own, the reason, the origin.
 pub(crate) fn dead_letter_headers(msg: &impl Message, why: &str) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    if let Some(h) = msg.headers() {
-        for header in h.iter() {
-            headers = headers.insert(Header {
-                key: header.key,
-                value: header.value,
-            });
-        }
-    }
+    let headers = super::ids::copy_headers(msg, None);
     let origin = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
     headers
         .insert(Header {

@@ -120,6 +120,24 @@ pub fn header<'m, M: Message>(msg: &'m M, name: &str) -> Option<&'m [u8]> {
         .last()
 }
 
+/// A message's headers as an owned list for a new message, leaving out
+/// `except` (the stage replaces the id header; a dead letter keeps all).
+pub(crate) fn copy_headers(
+    msg: &impl Message,
+    except: Option<&str>,
+) -> rdkafka::message::OwnedHeaders {
+    let mut out = rdkafka::message::OwnedHeaders::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter().filter(|h| Some(h.key) != except) {
+            out = out.insert(rdkafka::message::Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

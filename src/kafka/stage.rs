@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::ids::{IdStrategy, IDEMPOTENCY_KEY_HEADER};
@@ -516,15 +516,8 @@ struct TransactionInput {
 impl Sink<StageItem> for StageSink {
     fn emit(&mut self, item: &StageItem, id: Option<&[u8]>) -> Result<(), BoxError> {
         let m = &item.msg;
-        let mut headers = OwnedHeaders::new();
-        if let Some(h) = m.headers() {
-            for header in h.iter().filter(|h| h.key != IDEMPOTENCY_KEY_HEADER) {
-                headers = headers.insert(Header {
-                    key: header.key,
-                    value: header.value,
-                });
-            }
-        }
+        // The input's id header is replaced by the id the stage decided on.
+        let mut headers = super::ids::copy_headers(m, Some(IDEMPOTENCY_KEY_HEADER));
         if let Some(id) = id {
             headers = headers.insert(Header {
                 key: IDEMPOTENCY_KEY_HEADER,
