@@ -79,7 +79,10 @@ fn main() -> Result<()> {
         s,
         s / p
     );
-    restart_after_kill(&brokers, tag)
+    // The worst case for a restart: killed just before the stage recorded
+    // its output positions (once a second), so a whole second of output at
+    // the measured rate is read back.
+    restart_after_kill(&brokers, tag, s as usize)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -275,11 +278,13 @@ fn dedup_stage(brokers: &str, input: &str, output: &str, n: usize) -> Result<f64
 
 /// A child process marks 10M ids (durably) and is SIGKILLed; then time
 /// what a restarted stage does before it consumes: open the state
-/// (replay) and read back the output since the last recorded position.
-fn restart_after_kill(brokers: &str, tag: u32) -> Result<()> {
+/// (replay) and read back the output since the last recorded position
+/// (`unrecorded` messages, none of them marked yet).
+fn restart_after_kill(brokers: &str, tag: u32, unrecorded: usize) -> Result<()> {
     let dir = tempfile::tempdir_in(".")?;
     let output = format!("stage-bench-restart-{tag}");
     create_topics(brokers, std::slice::from_ref(&output))?;
+    produce(brokers, &output, unrecorded)?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .env("SEEN_BENCH_FILL", dir.path().join("marks"))
         .stdout(std::process::Stdio::piped())
@@ -292,7 +297,10 @@ fn restart_after_kill(brokers: &str, tag: u32) -> Result<()> {
     child.kill()?;
     child.wait()?;
     let started = Instant::now();
-    let engine = Engine::builder().open(dir.path().join("marks"))?;
+    // As `seen kafka` opens it (see dedup_stage).
+    let engine = Engine::builder()
+        .durability(seen::Durability::None)
+        .open(dir.path().join("marks"))?;
     let opened = started.elapsed();
     let config = StageConfig::new(brokers, "restart", &["unused"], &output);
     let read = stage::read_back(&config, &engine, dir.path()).map_err(|e| e.to_string())?;

@@ -24,7 +24,7 @@ use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-use table::{Forget, Insert, Key, Table};
+use table::{Forget, Insert, Key, Table, Writers};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -36,6 +36,11 @@ const MAX_LOAD: f64 = 0.8;
 const GROW_TO_LOAD: f64 = 0.5;
 /// A sweep keeps the table size while the live load stays in this band.
 const KEEP_SIZE_LOAD: (f64, f64) = (0.2, 0.7);
+/// A table reserved for a replay is this full after it: room for a seventh
+/// more keys before the first growth (at 0.8 the first new ids after a
+/// restart rehashed every shard, half a second at 10M keys), at 16 / 0.7 ≈
+/// 23 bytes per key.
+const RESERVE_LOAD: f64 = 0.7;
 /// At the ceiling with `EvictOldest`, evict down to this fraction of the
 /// ceiling's capacity, so eviction runs in batches and not on every insert.
 const EVICT_TO_LOAD: f64 = 0.7;
@@ -145,6 +150,11 @@ impl ShardedSet {
         }
     }
 
+    /// A fingerprint's shard is its top this many bits.
+    pub(crate) fn shard_bits(&self) -> u32 {
+        self.shards.len().trailing_zeros()
+    }
+
     #[inline]
     fn shard(&self, fp: Fingerprint) -> &Shard {
         // `checked_shr` because one shard means a shift by 64.
@@ -179,15 +189,50 @@ impl ShardedSet {
         expiry: Tick,
         guard: &Guard,
     ) -> Result<Verdict> {
+        self.insert_as(fp, now, expiry, guard, Writers::Many)
+    }
+
+    /// Insert-if-absent without a locked instruction, for a replay lane.
+    /// The caller must be the only thread touching `fp`'s shard (lanes own
+    /// whole shards, see [`ShardedSet::shard_bits`]) and nobody may read
+    /// the set until the lanes are joined. Broken, that contract loses
+    /// inserts; it cannot cause undefined behaviour (the slots are atomics).
+    #[inline]
+    pub(crate) fn insert_exclusive(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        expiry: Tick,
+        guard: &Guard,
+    ) -> Result<Verdict> {
+        self.insert_as(fp, now, expiry, guard, Writers::One)
+    }
+
+    #[inline(always)]
+    fn insert_as(
+        &self,
+        fp: Fingerprint,
+        now: Tick,
+        expiry: Tick,
+        guard: &Guard,
+        writers: Writers,
+    ) -> Result<Verdict> {
         let key = Key::new(fp);
         let shard = self.shard(fp);
         loop {
             let (ptr, table) = Self::current(shard, guard);
-            match table.insert(key, now, expiry) {
+            match table.insert(key, now, expiry, writers) {
                 Insert::Duplicate => return Ok(Verdict::Duplicate),
                 Insert::Claimed => {
                     Self::note_expiry(shard, expiry);
-                    let occupied = table.occupied.fetch_add(1, Relaxed) + 1;
+                    let occupied = match writers {
+                        Writers::Many => table.occupied.fetch_add(1, Relaxed) + 1,
+                        Writers::One => {
+                            let n = table.occupied.load(Relaxed) + 1;
+                            table.occupied.store(n, Relaxed);
+                            n
+                        }
+                    };
                     if occupied > table.max_occupied && !table.at_limit {
                         self.migrate(shard, ptr, now, guard);
                     }
@@ -275,27 +320,31 @@ impl ShardedSet {
     }
 
     /// Make room for `keys` live keys in total, in one step per shard (used
-    /// before replaying a log, so replay never migrates).
-    pub(crate) fn reserve(&self, keys: usize, now: Tick) {
+    /// before replaying a log, so replay never migrates). The new tables are
+    /// allocated and pre-faulted on up to `threads` threads: for a large log
+    /// the kernel zeroing their pages is a tenth of the replay.
+    pub(crate) fn reserve(&self, keys: usize, now: Tick, threads: usize) {
         let mean = keys.div_ceil(self.shards.len());
         let per_shard = mean + 4 * (mean as f64).sqrt() as usize;
-        let slots = (per_shard as f64 / MAX_LOAD) as usize + 1;
-        let guard = &epoch::pin();
-        for shard in self.shards.iter() {
-            let (ptr, table) = Self::current(shard, guard);
-            if table.slots() < slots {
-                self.migrate_to(shard, ptr, now, slots, guard);
+        let slots = (per_shard as f64 / RESERVE_LOAD) as usize + 1;
+        let grow = |shards: &[CachePadded<Shard>]| {
+            let guard = &epoch::pin();
+            for shard in shards {
+                let (ptr, table) = Self::current(shard, guard);
+                if table.slots() < slots {
+                    self.migrate_to(shard, ptr, now, slots, guard);
+                }
             }
-        }
-    }
-
-    /// Back every shard's table with written pages now (see
-    /// [`Table::prefault`]): before a replay fills them.
-    pub(crate) fn prefault(&self) {
-        let guard = &epoch::pin();
-        for shard in self.shards.iter() {
-            Self::current(shard, guard).1.prefault();
-        }
+        };
+        let per_thread = self.shards.len().div_ceil(threads.max(1));
+        std::thread::scope(|scope| {
+            let mut parts = self.shards.chunks(per_thread);
+            let mine = parts.next();
+            for part in parts {
+                scope.spawn(move || grow(part));
+            }
+            grow(mine.unwrap_or_default());
+        });
     }
 
     fn migrate_to(

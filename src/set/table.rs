@@ -77,6 +77,16 @@ struct Slot {
 #[repr(C, align(64))]
 struct Line([Slot; SLOTS_PER_LINE]);
 
+/// Who may write a table while an insert runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Writers {
+    /// Any thread: claims and revivals are compare-and-swaps.
+    Many,
+    /// Only the calling thread, and nobody reads (a replay lane that owns
+    /// the shard): plain stores, no locked instruction per insert.
+    One,
+}
+
 /// What [`Table::insert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Insert {
@@ -206,7 +216,7 @@ impl Table {
 
     /// Insert-if-absent. `expiry` must be > `now`.
     #[inline]
-    pub(crate) fn insert(&self, key: Key, now: Tick, expiry: Tick) -> Insert {
+    pub(crate) fn insert(&self, key: Key, now: Tick, expiry: Tick, writers: Writers) -> Insert {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
@@ -214,6 +224,11 @@ impl Table {
             if tag == EMPTY {
                 if self.at_limit && self.occupied.load(Relaxed) >= self.max_occupied {
                     return Insert::Full;
+                }
+                if writers == Writers::One {
+                    slot.tag.store(key.tag, Relaxed);
+                    slot.word.store(pack(key.check, expiry), Relaxed);
+                    return Insert::Claimed;
                 }
                 match slot.tag.compare_exchange(EMPTY, key.tag, AcqRel, Acquire) {
                     Ok(_) => {
@@ -236,6 +251,12 @@ impl Table {
                     if word & MOVED != 0 {
                         return Insert::Frozen;
                     }
+                    if writers == Writers::One {
+                        slot.word.store(pack(key.check, expiry), Relaxed);
+                        return Insert::Revived {
+                            was_forgotten: old == Tick::DEAD,
+                        };
+                    }
                     match slot
                         .word
                         .compare_exchange(word, pack(key.check, expiry), AcqRel, Acquire)
@@ -252,6 +273,11 @@ impl Table {
             i = self.next(i);
         }
         Insert::Full
+    }
+
+    #[cfg(test)]
+    fn insert_many(&self, key: Key, now: Tick, expiry: Tick) -> Insert {
+        self.insert(key, now, expiry, Writers::Many)
     }
 
     #[inline]
@@ -544,12 +570,12 @@ mod tests {
     fn insert_then_duplicate_then_expire_then_revive() {
         let t = Table::new(64, 0.8, false);
         let k = key(1);
-        assert_eq!(t.insert(k, Tick(10), Tick(20)), Insert::Claimed);
-        assert_eq!(t.insert(k, Tick(10), Tick(20)), Insert::Duplicate);
+        assert_eq!(t.insert_many(k, Tick(10), Tick(20)), Insert::Claimed);
+        assert_eq!(t.insert_many(k, Tick(10), Tick(20)), Insert::Duplicate);
         assert!(t.contains(k, Tick(19)));
         assert!(!t.contains(k, Tick(20)));
         assert_eq!(
-            t.insert(k, Tick(20), Tick(30)),
+            t.insert_many(k, Tick(20), Tick(30)),
             Insert::Revived {
                 was_forgotten: false
             }
@@ -558,16 +584,43 @@ mod tests {
     }
 
     #[test]
+    fn one_writer_decides_like_many() {
+        // The replay's plain-store insert against the CAS insert, over the
+        // same mix of new, duplicate, expired, forgotten and revived keys,
+        // until the table is full.
+        let (many, one) = (Table::new(256, 0.8, true), Table::new(256, 0.8, true));
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for step in 0..2000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = key((x % 300) as u128);
+            let now = Tick(10 + step / 50);
+            if x % 11 == 0 {
+                assert_eq!(many.forget(k, now), one.forget(k, now), "step {step}");
+                continue;
+            }
+            let expiry = Tick(now.0 + 1 + (x % 7) as u32);
+            assert_eq!(
+                many.insert(k, now, expiry, Writers::Many),
+                one.insert(k, now, expiry, Writers::One),
+                "step {step}"
+            );
+            assert_eq!(many.contains(k, now), one.contains(k, now));
+        }
+    }
+
+    #[test]
     fn forget_then_revive() {
         let t = Table::new(64, 0.8, false);
         let k = key(7);
         assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
-        t.insert(k, Tick(10), Tick(20));
+        t.insert_many(k, Tick(10), Tick(20));
         assert_eq!(t.forget(k, Tick(10)), Forget::Forgotten(Tick(20)));
         assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
         assert!(!t.contains(k, Tick(10)));
         assert_eq!(
-            t.insert(k, Tick(10), Tick(20)),
+            t.insert_many(k, Tick(10), Tick(20)),
             Insert::Revived {
                 was_forgotten: true
             }
@@ -579,9 +632,9 @@ mod tests {
         let t = Table::new(64, 0.8, false);
         let a = Key { tag: 99, check: 1 };
         let b = Key { tag: 99, check: 2 };
-        assert_eq!(t.insert(a, Tick(5), Tick(9)), Insert::Claimed);
+        assert_eq!(t.insert_many(a, Tick(5), Tick(9)), Insert::Claimed);
         assert!(!t.contains(b, Tick(5)));
-        assert_eq!(t.insert(b, Tick(5), Tick(9)), Insert::Claimed);
+        assert_eq!(t.insert_many(b, Tick(5), Tick(9)), Insert::Claimed);
         assert!(t.contains(a, Tick(5)) && t.contains(b, Tick(5)));
     }
 
@@ -595,28 +648,28 @@ mod tests {
     fn full_table_reports_full_not_new() {
         let t = Table::new(4, 1.0, false);
         for n in 0..4 {
-            assert_eq!(t.insert(key(n), Tick(5), Tick(9)), Insert::Claimed);
+            assert_eq!(t.insert_many(key(n), Tick(5), Tick(9)), Insert::Claimed);
         }
-        assert_eq!(t.insert(key(100), Tick(5), Tick(9)), Insert::Full);
-        assert_eq!(t.insert(key(2), Tick(5), Tick(9)), Insert::Duplicate);
+        assert_eq!(t.insert_many(key(100), Tick(5), Tick(9)), Insert::Full);
+        assert_eq!(t.insert_many(key(2), Tick(5), Tick(9)), Insert::Duplicate);
     }
 
     #[test]
     fn freeze_drains_live_and_blocks_writers() {
         let t = Table::new(64, 0.8, false);
         for n in 0..10 {
-            t.insert(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
+            t.insert_many(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
         }
         t.forget(key(9), Tick(5));
         let mut kept = Vec::new();
         let expired = t.freeze_and_drain(Tick(10), |k, e| kept.push((k, e)));
         assert_eq!(kept.len(), 5);
         assert_eq!(expired, 4);
-        assert_eq!(t.insert(key(1000), Tick(10), Tick(50)), Insert::Frozen);
+        assert_eq!(t.insert_many(key(1000), Tick(10), Tick(50)), Insert::Frozen);
         // An expired key cannot be revived in a frozen table either.
-        assert_eq!(t.insert(key(0), Tick(10), Tick(50)), Insert::Frozen);
+        assert_eq!(t.insert_many(key(0), Tick(10), Tick(50)), Insert::Frozen);
         // Live keys still answer.
-        assert_eq!(t.insert(key(5), Tick(10), Tick(50)), Insert::Duplicate);
+        assert_eq!(t.insert_many(key(5), Tick(10), Tick(50)), Insert::Duplicate);
         assert!(t.contains(key(5), Tick(10)));
         assert_eq!(t.forget(key(5), Tick(10)), Forget::Frozen);
     }

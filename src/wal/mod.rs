@@ -52,7 +52,7 @@ use crate::stats::Histogram;
 use crate::sync::backoff;
 use format::{encode_record, record_seed, Record, SegmentHeader, FORMAT_VERSION, MARK_RECORD_LEN};
 pub use recovery::RecoveryReport;
-pub(crate) use recovery::{Replay, WalOptions};
+pub(crate) use recovery::{LaneKey, Replay, WalOptions};
 pub(crate) use storage::WriteMode;
 use storage::{DirLock, DirStorage, SegmentFile, Storage};
 

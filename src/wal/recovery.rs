@@ -110,13 +110,37 @@ fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
 /// Where replayed records go.
 ///
 /// Replay runs in lanes on several threads when the log is large: a
-/// record's lane is a function of its fingerprint, so every record of one
-/// fingerprint is applied by one thread, in log order.
+/// record's lane is [`Replay::lane`] of its fingerprint, and each lane is
+/// applied by one thread, in log order, never two lanes in one `apply`.
 pub(crate) trait Replay: Sync {
-    /// Room for this many records (called once, before any `apply`).
-    fn reserve(&self, records: u64);
+    /// Room for this many records (called once, before any `apply`), made
+    /// with up to `threads` threads.
+    fn reserve(&self, records: u64, threads: u64);
+    /// How records are split into lanes. The sink chooses, so that lanes
+    /// can own disjoint parts of it.
+    fn lanes_by(&self) -> LaneKey {
+        LaneKey { top_bits: 32 }
+    }
     /// Apply live records in log order; returns (marks loaded, forgets applied).
     fn apply(&self, records: &[Record]) -> (u64, u64);
+}
+
+/// A record's lane: the top `top_bits` bits of its fingerprint, modulo
+/// the number of lanes. (A plain value, not a call into the sink: replay
+/// asks it for every record.)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LaneKey {
+    pub top_bits: u32,
+}
+
+impl LaneKey {
+    #[inline]
+    fn lane(self, fingerprint: u128, lanes: u64) -> u64 {
+        let top = fingerprint
+            .checked_shr(128 - self.top_bits.min(64))
+            .unwrap_or(0);
+        (top as u64) % lanes
+    }
 }
 
 /// Length up to the last non-zero byte, read a word at a time from the end.
@@ -147,8 +171,16 @@ fn used_len(bytes: &[u8]) -> usize {
 /// Logs smaller than this replay on the calling thread alone.
 const PARALLEL_REPLAY_MIN_RECORDS: u64 = 200_000;
 
-fn lane_of(r: &Record, lanes: u64) -> u64 {
-    ((r.fingerprint() >> 96) as u64) % lanes
+/// Threads (lanes) for replaying about `expected` records.
+fn replay_lanes(expected: u64) -> u64 {
+    if expected >= PARALLEL_REPLAY_MIN_RECORDS {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1)
+            .clamp(1, 4)
+    } else {
+        1
+    }
 }
 
 /// Replay one lane of every segment (a helper thread's share).
@@ -161,6 +193,7 @@ fn replay_lane(
     (lane, lanes): (u64, u64),
     sink: &dyn Replay,
 ) -> (u64, u64) {
+    let by = sink.lanes_by();
     let (mut marks, mut forgets) = (0, 0);
     let mut chunk: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK);
     let mut flush = |chunk: &mut Vec<Record>| {
@@ -173,7 +206,7 @@ fn replay_lane(
         // Damage handling is the main thread's business; a helper applies
         // exactly the records the main thread's scan also accepts.
         let _ = scan_segment(bytes, store_id, *seq, salvage, |_, r| {
-            if r.expiry_unix_secs() > now_unix && lane_of(&r, lanes) == lane {
+            if r.expiry_unix_secs() > now_unix && by.lane(r.fingerprint(), lanes) == lane {
                 chunk.push(r);
                 if chunk.len() == REPLAY_CHUNK {
                     flush(&mut chunk);
@@ -215,7 +248,8 @@ pub(crate) fn open(
         &mut report,
     )?;
     let (files, expected) = map_segments(st, &dir.segments)?;
-    sink.reserve(expected);
+    let lanes = replay_lanes(expected);
+    sink.reserve(expected, lanes);
     let (sealed, last) = replay(
         st,
         &dir.segments,
@@ -223,7 +257,7 @@ pub(crate) fn open(
         header.store_id,
         opts.mode,
         now_unix,
-        expected,
+        lanes,
         sink,
         progress,
         &mut report,
@@ -375,20 +409,13 @@ fn replay(
     store_id: u128,
     mode: RecoveryMode,
     now_unix: u64,
-    expected: u64,
+    lanes: u64,
     sink: &dyn Replay,
     progress: &dyn Fn(usize, usize),
     report: &mut RecoveryReport,
 ) -> Result<(Vec<Sealed>, Option<LastSegment>)> {
     let salvage = mode == RecoveryMode::Salvage;
-    let lanes = if expected >= PARALLEL_REPLAY_MIN_RECORDS {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u64)
-            .unwrap_or(1)
-            .clamp(1, 4)
-    } else {
-        1
-    };
+    let by = sink.lanes_by();
     let mut sealed = Vec::new();
     let mut last: Option<LastSegment> = None;
     let total = segments.len();
@@ -427,7 +454,7 @@ fn replay(
                     report.records += 1;
                     if r.expiry_unix_secs() <= now_unix {
                         report.expired += 1;
-                    } else if lane_of(&r, lanes) == 0 {
+                    } else if by.lane(r.fingerprint(), lanes) == 0 {
                         chunk.push(r);
                         if chunk.len() == REPLAY_CHUNK {
                             flush(&mut chunk, report);
