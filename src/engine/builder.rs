@@ -309,12 +309,16 @@ impl EngineBuilder {
 
 /// How appends reach the log (measured in `docs/design.md`, "The write
 /// path"): staged in memory, then `pwrite` + `fdatasync` by the group
-/// commit, when every call waits for a sync; through the mapping
-/// otherwise, so an acknowledged mark is in the page cache at once.
+/// commit, when every call waits for a sync; otherwise in the page cache
+/// before the call returns (an acknowledged mark survives `kill -9`):
+/// `pwrite` per append under `Periodic`, whose background `fdatasync` then
+/// costs what the disk charges, and a copy into the mapping under `None`,
+/// which never syncs and saves the system call.
 fn write_mode(durability: Durability) -> WriteMode {
     match durability {
         Durability::Sync => WriteMode::Staged,
-        Durability::None | Durability::Periodic(_) => WriteMode::Mapped,
+        Durability::Periodic(_) => WriteMode::Written,
+        Durability::None => WriteMode::Mapped,
     }
 }
 

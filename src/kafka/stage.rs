@@ -215,6 +215,8 @@ pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<
         .set("enable.partition.eof", "true")
         // An empty partition answers at once instead of after 500 ms.
         .set("fetch.wait.max.ms", "10")
+        // A second of output in one fetch per partition, not 1 MiB ones.
+        .set("max.partition.fetch.bytes", "16777216")
         .set("auto.offset.reset", "earliest")
         // Transactional mode: what an aborted transaction wrote is not output.
         .set("isolation.level", "read_committed");

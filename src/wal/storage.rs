@@ -84,6 +84,12 @@ pub(crate) enum WriteMode {
     /// `Durability::Sync`, where every call waits for a sync anyway: a
     /// record not yet written was not acknowledged either.
     Staged,
+    /// Written to the file with `pwrite` by each append (a system call per
+    /// append; in the page cache when the append returns, so it survives
+    /// the process being killed); a sync is an `fdatasync`. For
+    /// `Durability::Periodic`: its background sync then costs what the
+    /// disk charges, not the mapping's writeback.
+    Written,
 }
 
 /// One segment, open for appending. Writers hold disjoint reserved ranges.
@@ -168,11 +174,14 @@ fn preallocate(file: &File, size: usize, mode: WriteMode) -> io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
-    if rc == 0 && matches!(mode, WriteMode::Mapped) {
-        // Written through the mapping: leave the extents "unwritten". A
-        // page dirtied through a shared mapping over written zeros costs
-        // each msync filesystem work a pwrite does not (measured: zero-
-        // filled 1.1-1.5 ms per 32 KB sync, fallocated 0.41-0.46 ms).
+    if rc == 0 && matches!(mode, WriteMode::Mapped | WriteMode::Written) {
+        // Leave the extents "unwritten". A page dirtied through a shared
+        // mapping over written zeros costs each msync filesystem work a
+        // pwrite does not (measured: zero-filled 1.1-1.5 ms per 32 KB sync,
+        // fallocated 0.41-0.46 ms). `Written` syncs in the background, where
+        // converting extents costs nothing a caller waits for, while writing
+        // 64 MiB of zeros stalled the append that rolled the segment over
+        // for 160-250 ms.
         return Ok(());
     }
     if rc == 0 || rc == libc::EOPNOTSUPP || rc == libc::EINVAL {
@@ -312,6 +321,10 @@ impl Storage for DirStorage {
 fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
     Ok(match mode {
         WriteMode::Mapped => Box::new(MappedSegment::new(file)?),
+        WriteMode::Written => {
+            let len = file.metadata()?.len() as usize;
+            Box::new(WrittenSegment { file, len })
+        }
         WriteMode::Staged => {
             let len = file.metadata()?.len() as usize;
             Box::new(StagedSegment {
@@ -433,6 +446,37 @@ impl SegmentFile for StagedSegment {
         // Straight to the file: the staging buffer is still all zeros, and
         // the appends that follow will write this range again.
         self.file.write_all_at(&vec![0u8; len], offset as u64)?;
+        self.file.sync_data()
+    }
+}
+
+/// A segment whose appends are each written to the file with `pwrite`.
+struct WrittenSegment {
+    file: File,
+    len: usize,
+}
+
+impl SegmentFile for WrittenSegment {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        if !matches!(offset.checked_add(bytes.len()), Some(end) if end <= self.len) {
+            return Err(io::Error::other("write past the end of a segment"));
+        }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::pwrite", |_| Err(io::Error::other(
+            "failpoint wal::pwrite"
+        )));
+        self.file.write_all_at(bytes, offset as u64)
+    }
+
+    fn sync(&self, _offset: usize, _len: usize) -> io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("wal::msync", |_| Err(io::Error::other(
+            "failpoint wal::msync"
+        )));
         self.file.sync_data()
     }
 }
