@@ -27,6 +27,8 @@ struct SimFile {
 #[derive(Default)]
 pub struct SimDisk {
     files: Mutex<BTreeMap<String, Arc<Mutex<SimFile>>>>,
+    /// Segments prepared ahead of time, not yet installed (lost in a crash).
+    prepared: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 /// The unit the kernel writes back.
@@ -150,15 +152,25 @@ impl Storage for SimDisk {
         );
         Ok(())
     }
-    fn create_segment(
+    fn prepare_segment(
         &self,
         name: &str,
         size: usize,
         header: &[u8],
         _mode: WriteMode,
-    ) -> io::Result<Box<dyn SegmentFile>> {
+    ) -> io::Result<()> {
+        // Prepared segments are not files of the store: a crash forgets them.
         let mut image = vec![0u8; size];
         image[..header.len()].copy_from_slice(header);
+        self.prepared.lock().insert(name.to_owned(), image);
+        Ok(())
+    }
+    fn install_segment(&self, name: &str, _mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
+        let image = self
+            .prepared
+            .lock()
+            .remove(name)
+            .ok_or(io::ErrorKind::NotFound)?;
         let f = Arc::new(Mutex::new(SimFile {
             live: image.clone(),
             durable: image,
@@ -166,6 +178,9 @@ impl Storage for SimDisk {
         }));
         self.files.lock().insert(name.to_owned(), f.clone());
         Ok(Box::new(SimSegment(f)))
+    }
+    fn discard_prepared(&self, name: &str) {
+        self.prepared.lock().remove(name);
     }
     fn open_segment(&self, name: &str, _mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
         let f = self

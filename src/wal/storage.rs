@@ -46,7 +46,25 @@ pub(crate) trait Storage: Send + Sync + 'static {
         size: usize,
         header: &[u8],
         mode: WriteMode,
-    ) -> io::Result<Box<dyn SegmentFile>>;
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        self.prepare_segment(name, size, header, mode)?;
+        self.install_segment(name, mode)
+    }
+    /// The slow half of [`Storage::create_segment`], ahead of time: the
+    /// segment as a temporary file, preallocated (and zero-filled where
+    /// `mode` wants it), its header durable. Not part of the store (the
+    /// next open removes it) until installed.
+    fn prepare_segment(
+        &self,
+        name: &str,
+        size: usize,
+        header: &[u8],
+        mode: WriteMode,
+    ) -> io::Result<()>;
+    /// Put a prepared segment in place, durably, and open it for appending.
+    fn install_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>;
+    /// Remove a prepared segment that will not be installed.
+    fn discard_prepared(&self, name: &str);
     /// Open an existing segment for appending in `mode`.
     fn open_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>;
     fn remove(&self, name: &str) -> io::Result<()>;
@@ -153,6 +171,10 @@ impl DirStorage {
             "failpoint wal::sync_dir"
         )));
         File::open(&self.dir)?.sync_all()
+    }
+
+    fn prepared_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.tmp"))
     }
 
     fn new_file(path: &Path) -> io::Result<File> {
@@ -267,14 +289,14 @@ impl Storage for DirStorage {
         self.sync_dir()
     }
 
-    fn create_segment(
+    fn prepare_segment(
         &self,
         name: &str,
         size: usize,
         header: &[u8],
         mode: WriteMode,
-    ) -> io::Result<Box<dyn SegmentFile>> {
-        let tmp = self.dir.join(format!("{name}.tmp"));
+    ) -> io::Result<()> {
+        let tmp = self.prepared_path(name);
         let _ = fs::remove_file(&tmp);
         let file = Self::new_file(&tmp)?;
         let result = (|| {
@@ -284,7 +306,17 @@ impl Storage for DirStorage {
                 "failpoint wal::write"
             )));
             file.write_all_at(header, 0)?;
-            file.sync_all()?;
+            file.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn install_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
+        let tmp = self.prepared_path(name);
+        let result = (|| {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("wal::rename", |_| Err(io::Error::other(
                 "failpoint wal::rename"
@@ -296,7 +328,11 @@ impl Storage for DirStorage {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        segment_file(file, mode)
+        self.open_segment(name, mode)
+    }
+
+    fn discard_prepared(&self, name: &str) {
+        let _ = fs::remove_file(self.prepared_path(name));
     }
 
     fn open_segment(&self, name: &str, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
