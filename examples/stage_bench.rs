@@ -14,7 +14,7 @@
 //! Both passes use the same `KafkaSink` settings (idempotent, acks=all,
 //! 5 ms linger, partition kept) and the same consumer settings, and both
 //! flush and commit offsets every 1000 messages; the stage also decides
-//! and logs each id, and about once a second makes the marks durable and
+//! and logs each id, and every `record_positions_every` makes the marks durable and
 //! records the output positions. Throughput counts input messages per second from the
 //! first message read to the last (the group join is left out).
 
@@ -80,9 +80,18 @@ fn main() -> Result<()> {
         s / p
     );
     // The worst case for a restart: killed just before the stage recorded
-    // its output positions (once a second), so a whole second of output at
-    // the measured rate is read back.
-    restart_after_kill(&brokers, tag, s as usize)
+    // its output positions, so a whole interval of output at the measured
+    // rate is read back.
+    let every = StageConfig::new(&brokers, "g", &["i"], "o").record_positions_every;
+    let output = format!("stage-bench-restart-{tag}");
+    create_topics(&brokers, std::slice::from_ref(&output))?;
+    produce(&brokers, &output, (s * every.as_secs_f64()) as usize)?;
+    let mut restarts = Vec::new();
+    for _ in 0..rounds {
+        restarts.push(restart_after_kill(&brokers, &output)?);
+    }
+    println!("median restart: {:.2} s", median(&mut restarts));
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -236,7 +245,7 @@ fn close_batch(
 fn dedup_stage(brokers: &str, input: &str, output: &str, n: usize) -> Result<f64> {
     let dir = tempfile::tempdir_in(".")?;
     // As `seen kafka` opens it: the stage syncs the marks itself before
-    // it records output positions (about once a second).
+    // it records output positions.
     let engine = Engine::builder()
         .capacity(n)
         .durability(seen::Durability::None)
@@ -278,13 +287,10 @@ fn dedup_stage(brokers: &str, input: &str, output: &str, n: usize) -> Result<f64
 
 /// A child process marks 10M ids (durably) and is SIGKILLed; then time
 /// what a restarted stage does before it consumes: open the state
-/// (replay) and read back the output since the last recorded position
-/// (`unrecorded` messages, none of them marked yet).
-fn restart_after_kill(brokers: &str, tag: u32, unrecorded: usize) -> Result<()> {
+/// (replay) and read back `output` (no position recorded: all of it, none
+/// of it marked yet). Returns the seconds taken.
+fn restart_after_kill(brokers: &str, output: &str) -> Result<f64> {
     let dir = tempfile::tempdir_in(".")?;
-    let output = format!("stage-bench-restart-{tag}");
-    create_topics(brokers, std::slice::from_ref(&output))?;
-    produce(brokers, &output, unrecorded)?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .env("SEEN_BENCH_FILL", dir.path().join("marks"))
         .stdout(std::process::Stdio::piped())
@@ -297,21 +303,30 @@ fn restart_after_kill(brokers: &str, tag: u32, unrecorded: usize) -> Result<()> 
     child.kill()?;
     child.wait()?;
     let started = Instant::now();
-    // As `seen kafka` opens it (see dedup_stage).
-    let engine = Engine::builder()
-        .durability(seen::Durability::None)
-        .open(dir.path().join("marks"))?;
+    let config = StageConfig::new(brokers, "restart", &["unused"], output);
+    // As `seen kafka` does it: the read-back connects and fetches while
+    // the engine opens (with the durability the stage gives it).
+    let (engine, read_back) = std::thread::scope(|scope| {
+        let read_back = scope.spawn(|| stage::ReadBack::start(&config, dir.path()));
+        let engine = Engine::builder()
+            .durability(seen::Durability::None)
+            .open(dir.path().join("marks"));
+        (engine, read_back.join())
+    });
+    let engine = engine?;
     let opened = started.elapsed();
-    let config = StageConfig::new(brokers, "restart", &["unused"], &output);
-    let read = stage::read_back(&config, &engine, dir.path()).map_err(|e| e.to_string())?;
+    let read_back = read_back
+        .map_err(|_| "read-back thread panicked")?
+        .map_err(|e| e.to_string())?;
+    let read = read_back.finish(&engine).map_err(|e| e.to_string())?;
     println!(
-        "restart after SIGKILL with {} ids: open (replay) {:.2} s, read-back {:.2} s ({read} messages), total {:.2} s",
+        "restart after SIGKILL with {} ids: open (replay) {:.2} s, then read-back {:.2} s ({read} messages), total {:.2} s",
         engine.len(),
         opened.as_secs_f64(),
         (started.elapsed() - opened).as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn fill_state() -> Result<()> {

@@ -147,17 +147,6 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     }
     // Served below, with the stage's metrics.
     let metrics_addr = config.metrics_addr.take();
-    #[cfg(feature = "postgres")]
-    let attached = {
-        let plain = config.clone();
-        super::pg::Attached::open_config(&args.pg, config, args.quiet, move || {
-            Ok(std::sync::Arc::new(plain.open()?))
-        })?
-    };
-    #[cfg(feature = "postgres")]
-    let engine = std::sync::Arc::clone(&attached.engine);
-    #[cfg(not(feature = "postgres"))]
-    let engine = Arc::new(config.open()?);
     let mut stage_config = StageConfig {
         ids: args.id,
         consumer_properties: args.consumer_property,
@@ -182,6 +171,38 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     producer.breaker.open_for = args.breaker_open_for;
     producer.properties = args.producer_property;
     producer.transactional_id = args.transactional_id;
+    // The read-back's broker round trips (connect, metadata, the first
+    // fetches) overlap the replay of the marks.
+    let (opened, read_back) = std::thread::scope(|scope| {
+        let read_back = scope.spawn(|| stage::ReadBack::start(&stage_config, &state));
+        let opened = (|| -> anyhow::Result<_> {
+            #[cfg(feature = "postgres")]
+            let attached = {
+                let plain = config.clone();
+                super::pg::Attached::open_config(&args.pg, config, args.quiet, move || {
+                    Ok(std::sync::Arc::new(plain.open()?))
+                })?
+            };
+            #[cfg(feature = "postgres")]
+            let engine = std::sync::Arc::clone(&attached.engine);
+            #[cfg(not(feature = "postgres"))]
+            let engine = Arc::new(config.open()?);
+            #[cfg(feature = "postgres")]
+            return Ok((attached, engine));
+            #[cfg(not(feature = "postgres"))]
+            Ok(engine)
+        })();
+        (opened, read_back.join())
+    });
+    // An engine that cannot open (another process holds the state) says
+    // so first.
+    #[cfg(feature = "postgres")]
+    let (attached, engine) = opened?;
+    #[cfg(not(feature = "postgres"))]
+    let engine = opened?;
+    let read_back = read_back
+        .map_err(|_| anyhow::anyhow!("the read-back thread panicked"))?
+        .map_err(|e| anyhow::anyhow!(e))?;
     let stats = Arc::new(StageStats::default());
     if let Some(addr) = metrics_addr {
         let stats = Arc::clone(&stats);
@@ -198,7 +219,8 @@ pub(crate) fn run(args: KafkaArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::start(Arc::clone(&stats), args.quiet);
     let started = Instant::now();
     let mut summary = Summary::default();
-    let outcome = stage::run(
+    let outcome = stage::run_after(
+        read_back,
         &stage_config,
         &engine,
         &state,

@@ -205,85 +205,123 @@ fn write_checkpoint(path: &Path, positions: &Positions) -> Result<(), BoxError> 
 /// read-back early and let the crash window through. Gives up with an
 /// error after `config.timeout` without progress.
 pub fn read_back(config: &StageConfig, engine: &Engine, state: &Path) -> Result<u64, BoxError> {
-    let recorded = read_checkpoint(&checkpoint_path(state))?;
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("{}-readback", config.group))
-        .set("allow.auto.create.topics", "false")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        // An empty partition answers at once instead of after 500 ms.
-        .set("fetch.wait.max.ms", "10")
-        // A second of output in one fetch per partition, not 1 MiB ones.
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("auto.offset.reset", "earliest")
-        // Transactional mode: what an aborted transaction wrote is not output.
-        .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = client.create()?;
-    let partitions = output_partitions(&consumer, config)?;
-    let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        let from = recorded
-            .get(&p)
-            .map_or(Offset::Beginning, |&o| Offset::Offset(o));
-        tpl.add_partition_offset(config.output(), p, from)?;
-    }
-    consumer.assign(&tpl)?;
-    drop(tpl);
-    let mut progress = Instant::now();
-    let mut read = 0;
-    let mut ids = IdChunk::default();
-    while !open.is_empty() {
-        if progress.elapsed() > config.timeout {
-            return Err(format!(
-                "reading back {}: no progress for {:?} ({} partitions not at their end)",
-                config.output(),
-                config.timeout,
-                open.len()
-            )
-            .into());
+    ReadBack::start(config, state)?.finish(engine)
+}
+
+/// A [`read_back`] under way. [`ReadBack::start`] needs no engine: it
+/// positions a consumer at the recorded output positions, and librdkafka
+/// fetches in the background from then on, so a stage that starts it
+/// before opening its engine overlaps the broker round trips with the
+/// replay. [`ReadBack::finish`] marks what was fetched.
+pub struct ReadBack {
+    consumer: BaseConsumer,
+    /// Partitions not yet read to their end.
+    open: std::collections::HashSet<i32>,
+    output: String,
+    timeout: Duration,
+}
+
+impl ReadBack {
+    /// Connect and position the read-back consumer.
+    pub fn start(config: &StageConfig, state: &Path) -> Result<ReadBack, BoxError> {
+        let recorded = read_checkpoint(&checkpoint_path(state))?;
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", format!("{}-readback", config.group))
+            .set("allow.auto.create.topics", "false")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            // An empty partition answers at once instead of after 500 ms.
+            .set("fetch.wait.max.ms", "10")
+            // A second of output in one fetch per partition, not 1 MiB ones.
+            .set("max.partition.fetch.bytes", "16777216")
+            // A partition whose fetched messages wait for `finish` (they
+            // are fetched while the engine opens) is fetched again 20 ms
+            // after it drains, not a second later (librdkafka's default):
+            // that stalled one restart's read-back in two by 0.5 s.
+            .set("fetch.queue.backoff.ms", "20")
+            .set("auto.offset.reset", "earliest")
+            // Transactional mode: what an aborted transaction wrote is not output.
+            .set("isolation.level", "read_committed");
+        let consumer: BaseConsumer = client.create()?;
+        let partitions = output_partitions(&consumer, config)?;
+        let open = partitions.iter().copied().collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let from = recorded
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+            tpl.add_partition_offset(config.output(), p, from)?;
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-                progress = Instant::now();
+        consumer.assign(&tpl)?;
+        Ok(ReadBack {
+            consumer,
+            open,
+            output: config.output().to_owned(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// Read every partition to its end, marking each `idempotency_key`;
+    /// returns how many messages were read back.
+    pub fn finish(mut self, engine: &Engine) -> Result<u64, BoxError> {
+        let mut progress = Instant::now();
+        let mut read = 0;
+        let mut ids = IdChunk::default();
+        while !self.open.is_empty() {
+            if progress.elapsed() > self.timeout {
+                return Err(format!(
+                    "reading back {}: no progress for {:?} ({} partitions not at their end)",
+                    self.output,
+                    self.timeout,
+                    self.open.len()
+                )
+                .into());
             }
-            Some(Err(e)) if super::consumer::fatal_to_consumers(&e) => {
-                return Err(format!("reading back {}: {e}", config.output()).into())
-            }
-            Some(Err(e)) => {
-                // Brokers down or reconnecting (the read-back after a
-                // failed delivery runs while they may still be): wait, up
-                // to the no-progress bound above.
-                tracing::debug!(error = %e, "seen kafka: read-back waiting for the brokers");
-            }
-            Some(Ok(m)) => {
-                read += 1;
-                progress = Instant::now();
-                if let Some(id) = super::ids::header(&m, IDEMPOTENCY_KEY_HEADER) {
-                    // Already marked or not: either way it is in the output.
-                    ids.push(id);
-                    if ids.len() == READ_BACK_CHUNK {
-                        ids.mark(engine)?;
+            match self.consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    self.open.remove(&p);
+                    progress = Instant::now();
+                }
+                Some(Err(e)) if super::consumer::fatal_to_consumers(&e) => {
+                    return Err(format!("reading back {}: {e}", self.output).into())
+                }
+                Some(Err(e)) => {
+                    // Brokers down or reconnecting (the read-back after a
+                    // failed delivery runs while they may still be): wait,
+                    // up to the no-progress bound above.
+                    tracing::debug!(error = %e, "seen kafka: read-back waiting for the brokers");
+                }
+                Some(Ok(m)) => {
+                    read += 1;
+                    progress = Instant::now();
+                    if let Some(id) = super::ids::header(&m, IDEMPOTENCY_KEY_HEADER) {
+                        // Already marked or not: either way it is in the output.
+                        ids.push(id);
+                        if ids.len() == READ_BACK_CHUNK {
+                            ids.mark(engine)?;
+                        }
                     }
                 }
             }
         }
+        ids.mark(engine)?;
+        close_in_background(self.consumer);
+        Ok(read)
     }
-    ids.mark(engine)?;
-    // Closing a consumer takes librdkafka about 100 ms (half of a restart's
-    // read-back on loopback); the stage need not wait for it.
-    let closing = consumer;
+}
+
+/// Closing a consumer takes librdkafka about 100 ms (half of a restart's
+/// read-back on loopback); nothing need wait for it.
+fn close_in_background(consumer: BaseConsumer) {
     if let Err(e) = std::thread::Builder::new()
         .name("seen-readback-close".into())
-        .spawn(move || drop(closing))
+        .spawn(move || drop(consumer))
     {
-        tracing::debug!(error = %e, "seen kafka: closing the read-back consumer inline");
+        tracing::debug!(error = %e, "seen kafka: closed the read-back consumer inline");
     }
-    Ok(read)
 }
 
 /// Ids the read-back marks at a time.
@@ -684,7 +722,13 @@ pub fn run(
     stats: &Arc<StageStats>,
     summary: &mut crate::stage::Summary,
 ) -> Result<u64, crate::stage::StageError> {
-    use crate::stage::StageError;
+    check(config, engine)?;
+    let read_back = ReadBack::start(config, state).map_err(crate::stage::StageError::Source)?;
+    run_after(read_back, config, engine, state, stop, stats, summary)
+}
+
+/// What the stage refuses before it connects to anything.
+fn check(config: &StageConfig, engine: &Engine) -> Result<(), crate::stage::StageError> {
     if engine.durability().is_none() {
         return Err(crate::Error::Config(
             "the Kafka stage needs a durable engine (EngineBuilder::open): its read-back after a crash starts from marks on disk".into(),
@@ -697,11 +741,32 @@ pub fn run(
         )
         .into());
     }
+    Ok(())
+}
+
+/// [`run`] with its read-back already started ([`ReadBack::start`], e.g.
+/// while the engine was opening).
+pub fn run_after(
+    read_back: ReadBack,
+    config: &StageConfig,
+    engine: &Engine,
+    state: &Path,
+    stop: Arc<AtomicBool>,
+    stats: &Arc<StageStats>,
+    summary: &mut crate::stage::Summary,
+) -> Result<u64, crate::stage::StageError> {
+    use crate::stage::StageError;
+    check(config, engine)?;
     let mut read_total = 0;
+    let mut started = Some(read_back);
     loop {
         let (source, mut sink) =
             source_and_sink(config, state, Arc::clone(&stop), stats).map_err(StageError::Source)?;
-        let read = read_back(config, engine, state).map_err(StageError::Source)?;
+        let read_back = match started.take() {
+            Some(r) => r,
+            None => ReadBack::start(config, state).map_err(StageError::Source)?,
+        };
+        let read = read_back.finish(engine).map_err(StageError::Source)?;
         read_total += read;
         stats.read_back.fetch_add(read, Relaxed);
         let mut source = DurableAcks { source, engine };

@@ -520,15 +520,25 @@ impl SegmentFile for WrittenSegment {
 /// A segment file mapped read-write.
 struct MappedSegment {
     map: MmapRaw,
-    _file: File,
+    file: File,
 }
 
 impl MappedSegment {
     fn new(file: File) -> io::Result<MappedSegment> {
         let map = MmapRaw::map_raw(&file)?;
-        Ok(MappedSegment { map, _file: file })
+        Ok(MappedSegment { map, file })
     }
 }
+
+/// Appends of at least this many bytes (a batch's chunk of 128+ records)
+/// go through `pwrite` rather than the mapping: the system call is small
+/// beside the chunk, while every page dirtied through a shared mapping
+/// costs its writeback a write-protect fault and a TLB shootdown (an msync
+/// of ~3.5 MB took 20-31 ms here, against 1-3 ms for `fdatasync` after
+/// `pwrite`). Single ids keep the copy into the mapping: a `pwrite` each
+/// cost them 18 % of their throughput. Both paths write the same page
+/// cache pages, so either survives `kill -9` once the append returns.
+const PWRITE_FROM: usize = 4096;
 
 impl SegmentFile for MappedSegment {
     fn len(&self) -> usize {
@@ -539,6 +549,9 @@ impl SegmentFile for MappedSegment {
     fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
         if !matches!(offset.checked_add(bytes.len()), Some(end) if end <= self.map.len()) {
             return Err(io::Error::other("write past the end of a segment"));
+        }
+        if bytes.len() >= PWRITE_FROM {
+            return self.file.write_all_at(bytes, offset as u64);
         }
         // SAFETY: in bounds (checked above) of a live mapping we own; the
         // caller reserved this range exclusively, so no other thread writes
