@@ -187,6 +187,9 @@ impl DirStorage {
     }
 }
 
+/// Zero-filled bytes written back at a time while a segment is made.
+const ZERO_FILL_FLUSH: usize = 2 << 20;
+
 fn preallocate(file: &File, size: usize, mode: WriteMode) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     fail::fail_point!("wal::preallocate", |_| Err(io::Error::from_raw_os_error(
@@ -218,6 +221,12 @@ fn preallocate(file: &File, size: usize, mode: WriteMode) -> io::Result<()> {
             let n = zeros.len().min(size - at);
             file.write_all_at(&zeros[..n], at as u64)?;
             at += n;
+            // Flushed a few MiB at a time: the segment is made while the
+            // active one takes syncs, and 64 MiB written back in one burst
+            // queued them behind it.
+            if at % ZERO_FILL_FLUSH == 0 {
+                file.sync_data()?;
+            }
         }
         Ok(())
     } else {
