@@ -4,7 +4,7 @@
 use loom::sync::Arc;
 use loom::thread;
 
-use super::table::{Insert, Key, Table};
+use super::table::{Insert, Key, Table, Writers};
 use crate::fingerprint::Fingerprint;
 use crate::ttl::Tick;
 
@@ -25,8 +25,8 @@ fn loom_racing_inserts_of_one_key_give_one_new() {
         let t = Arc::new(Table::new(4, 1.0, false));
         let k = key(7, 1);
         let t2 = t.clone();
-        let h = thread::spawn(move || t2.insert(k, NOW, LATER));
-        let mine = t.insert(k, NOW, LATER);
+        let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
+        let mine = t.insert(k, NOW, LATER, Writers::Many);
         let theirs = h.join().unwrap();
         assert_eq!(
             is_new(mine) as u8 + is_new(theirs) as u8,
@@ -43,8 +43,8 @@ fn loom_colliding_tags_are_both_kept() {
         let t = Arc::new(Table::new(4, 1.0, false));
         let (a, b) = (key(7, 1), key(7, 2));
         let t2 = t.clone();
-        let h = thread::spawn(move || t2.insert(b, NOW, LATER));
-        assert_eq!(t.insert(a, NOW, LATER), Insert::Claimed);
+        let h = thread::spawn(move || t2.insert(b, NOW, LATER, Writers::Many));
+        assert_eq!(t.insert(a, NOW, LATER, Writers::Many), Insert::Claimed);
         assert_eq!(h.join().unwrap(), Insert::Claimed);
         assert!(t.contains(a, NOW) && t.contains(b, NOW));
     });
@@ -55,10 +55,10 @@ fn loom_racing_revivals_give_one_new() {
     loom::model(|| {
         let t = Arc::new(Table::new(4, 1.0, false));
         let k = key(9, 3);
-        assert_eq!(t.insert(k, Tick(2), Tick(5)), Insert::Claimed);
+        assert_eq!(t.insert(k, Tick(2), Tick(5), Writers::Many), Insert::Claimed);
         let t2 = t.clone();
-        let h = thread::spawn(move || t2.insert(k, NOW, LATER));
-        let mine = t.insert(k, NOW, LATER);
+        let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
+        let mine = t.insert(k, NOW, LATER, Writers::Many);
         let theirs = h.join().unwrap();
         assert_eq!(
             is_new(mine) as u8 + is_new(theirs) as u8,
@@ -74,7 +74,7 @@ fn loom_insert_during_freeze_is_either_drained_or_told_to_retry() {
         let t = Arc::new(Table::new(4, 1.0, false));
         let k = key(11, 5);
         let t2 = t.clone();
-        let h = thread::spawn(move || t2.insert(k, NOW, LATER));
+        let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
         let mut drained = Vec::new();
         t.freeze_and_drain(NOW, |key, _| drained.push(key));
         let outcome = h.join().unwrap();
