@@ -347,9 +347,16 @@ impl Wal {
     }
 
     fn poison(&self, what: &str, e: &std::io::Error) -> Error {
+        self.poison_locked(&mut self.sync_state.lock(), what, e)
+    }
+
+    /// [`Wal::poison`] under the sync state's lock. A failed sync poisons
+    /// before it releases the lock: released first, a caller arriving in
+    /// between saw no sync running and no poison, and led a new sync, which
+    /// could report as durable what the failed one lost.
+    fn poison_locked(&self, st: &mut SyncState, what: &str, e: &std::io::Error) -> Error {
         let reason = format!("{what}: {e}");
         tracing::error!(%reason, "seen: log poisoned; all further marks fail until reopened");
-        let mut st = self.sync_state.lock();
         if st.poisoned.is_none() {
             st.poisoned = Some(reason.clone());
         }
@@ -696,10 +703,7 @@ impl Wal {
                     self.durable.fetch_max(pos.0, AcqRel);
                     self.synced_cv.notify_all();
                 }
-                Err(e) => {
-                    drop(st);
-                    return Err(self.poison("syncing the log", &e));
-                }
+                Err(e) => return Err(self.poison_locked(&mut st, "syncing the log", &e)),
             }
         }
     }
