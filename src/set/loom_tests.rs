@@ -55,7 +55,10 @@ fn loom_racing_revivals_give_one_new() {
     loom::model(|| {
         let t = Arc::new(Table::new(4, 1.0, false));
         let k = key(9, 3);
-        assert_eq!(t.insert(k, Tick(2), Tick(5), Writers::Many), Insert::Claimed);
+        assert_eq!(
+            t.insert(k, Tick(2), Tick(5), Writers::Many),
+            Insert::Claimed
+        );
         let t2 = t.clone();
         let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
         let mine = t.insert(k, NOW, LATER, Writers::Many);
