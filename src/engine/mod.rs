@@ -446,33 +446,42 @@ impl Engine {
             }
             _ => Ok(()),
         };
-        loop {
-            let mut n = 0;
-            for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
-                *slot = fp;
-                self.inner.set.prefetch(fp, guard);
-                n += 1;
+        // A rolling window: the table line of the id BATCH_WINDOW ahead is
+        // requested (and that id hashed) while this one is inserted, so
+        // every miss has a window's worth of inserts to land. (Prefetching
+        // a window and then inserting it stalled on its first lines.)
+        let mut queued = 0;
+        for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
+            *slot = fp;
+            self.inner.set.prefetch(fp, guard);
+            queued += 1;
+        }
+        let mut oldest = 0;
+        while queued > 0 {
+            let fp = window[oldest];
+            match fps.next() {
+                Some(ahead) => {
+                    self.inner.set.prefetch(ahead, guard);
+                    window[oldest] = ahead;
+                }
+                None => queued -= 1,
             }
-            if n == 0 {
-                break;
-            }
-            if n_fresh + n > fresh.len() {
+            oldest = (oldest + 1) % BATCH_WINDOW;
+            if n_fresh == fresh.len() {
                 log(&fresh[..n_fresh])?;
                 n_fresh = 0;
             }
-            for &fp in &window[..n] {
-                match self.mark_in_memory(fp, now, expiry, guard, &mut tally) {
-                    Ok(Deferred::New(mark)) => {
-                        fresh[n_fresh] = mark;
-                        n_fresh += 1;
-                        out.push(Verdict::New);
-                    }
-                    Ok(Deferred::Duplicate) => out.push(Verdict::Duplicate),
-                    Err(e) => {
-                        // The verdicts already given stand: log their marks.
-                        log(&fresh[..n_fresh])?;
-                        return Err(e);
-                    }
+            match self.mark_in_memory(fp, now, expiry, guard, &mut tally) {
+                Ok(Deferred::New(mark)) => {
+                    fresh[n_fresh] = mark;
+                    n_fresh += 1;
+                    out.push(Verdict::New);
+                }
+                Ok(Deferred::Duplicate) => out.push(Verdict::Duplicate),
+                Err(e) => {
+                    // The verdicts already given stand: log their marks.
+                    log(&fresh[..n_fresh])?;
+                    return Err(e);
                 }
             }
         }

@@ -543,8 +543,6 @@ impl Wal {
                 return Err(self.poison("syncing a sealed segment", &e));
             }
         }
-        // Segments grow from a small first one to the configured size, so a
-        // small store does not take a full segment of disk.
         let next = match self.next_segment(seg) {
             Ok(s) => s,
             Err(e) => return Err(self.poison("creating the next segment", &e)),
@@ -590,6 +588,9 @@ impl Wal {
         let (seq, size) = (seg.seq + 1, self.size_after(seg));
         let storage = Arc::clone(&self.storage);
         let (store_id, mode) = (self.store_id, self.write_mode);
+        // Held until the handle is stored: a rollover racing this one
+        // waits for it rather than making the same file alongside it.
+        let mut next = self.next.lock();
         let spawned = std::thread::Builder::new()
             .name("seen-segment".into())
             .spawn(move || {
@@ -597,14 +598,15 @@ impl Wal {
                 storage.prepare_segment(&format::segment_file_name(seq), size, &header, mode)
             });
         match spawned {
-            Ok(ready) => *self.next.lock() = Some(NextSegment { seq, size, ready }),
+            Ok(ready) => *next = Some(NextSegment { seq, size, ready }),
             // The rollover makes it then, as it would without this.
             Err(e) => tracing::debug!(error = %e, "seen: cannot prepare the next segment ahead"),
         }
     }
 
     /// The segment after `seg`: the prepared one if it was made, otherwise
-    /// made now (and a failure to prepare it is this call's error).
+    /// made now (a preparation that failed, say for want of disk, is tried
+    /// once more here, and that attempt's error is the rollover's).
     fn next_segment(&self, seg: &Segment) -> std::io::Result<Segment> {
         let seq = seg.seq + 1;
         let size = self.size_after(seg);
