@@ -436,3 +436,67 @@ fn segments_grow_from_small_to_the_configured_size() {
     assert_eq!(e.recovery_report().unwrap().replayed, 230_000);
     assert!(e.contains("grow-0").unwrap() && e.contains("grow-229999").unwrap());
 }
+
+#[test]
+fn the_next_segment_is_prepared_ahead_and_never_left_behind() {
+    let tmp_files = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    };
+    for durability in [
+        Durability::Sync,
+        Durability::None,
+        Durability::Periodic(Duration::from_millis(5)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder()
+            .segment_size(4 << 20)
+            .durability(durability)
+            .background_sweep(false)
+            .open(dir.path())
+            .unwrap();
+        // Past half of the first (1 MiB) segment: the second is prepared
+        // as a temporary file, not yet a segment of the store.
+        let ids: Vec<String> = (0..20_000).map(|i| format!("{durability:?}-{i}")).collect();
+        e.check_and_insert_batch(&ids).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tmp_files(dir.path()).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            tmp_files(dir.path()),
+            ["wal-0000000000000002.seg.tmp"],
+            "{durability:?}"
+        );
+        assert_eq!(segments(dir.path()).len(), 1, "{durability:?}");
+        // Dropped before its rollover: the prepared file goes with it.
+        drop(e);
+        assert!(tmp_files(dir.path()).is_empty(), "{durability:?}");
+        // Filled past the end: the prepared file becomes segment 2, with
+        // the size a rollover gives it, and everything replays.
+        let e = Engine::builder()
+            .segment_size(4 << 20)
+            .durability(durability)
+            .background_sweep(false)
+            .open(dir.path())
+            .unwrap();
+        let more: Vec<String> = (0..40_000)
+            .map(|i| format!("{durability:?}-more-{i}"))
+            .collect();
+        e.check_and_insert_batch(&more).unwrap();
+        drop(e);
+        let names = segments(dir.path());
+        assert_eq!(names.len(), 2, "{durability:?}: {names:?}");
+        assert_eq!(fs::metadata(&names[1]).unwrap().len(), 2 << 20);
+        assert!(tmp_files(dir.path()).is_empty(), "{durability:?}");
+        let e = Engine::builder().open(dir.path()).unwrap();
+        assert_eq!(
+            e.recovery_report().unwrap().replayed,
+            60_000,
+            "{durability:?}"
+        );
+    }
+}
