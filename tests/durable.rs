@@ -452,12 +452,15 @@ fn the_next_segment_is_prepared_ahead_and_never_left_behind() {
         Durability::Periodic(Duration::from_millis(5)),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let e = Engine::builder()
-            .segment_size(4 << 20)
-            .durability(durability)
-            .background_sweep(false)
-            .open(dir.path())
-            .unwrap();
+        let open = || {
+            Engine::builder()
+                .segment_size(4 << 20)
+                .durability(durability)
+                .background_sweep(false)
+                .open(dir.path())
+                .unwrap()
+        };
+        let e = open();
         // Past half of the first (1 MiB) segment: the second is prepared
         // as a temporary file, not yet a segment of the store.
         let ids: Vec<String> = (0..20_000).map(|i| format!("{durability:?}-{i}")).collect();
@@ -477,12 +480,7 @@ fn the_next_segment_is_prepared_ahead_and_never_left_behind() {
         assert!(tmp_files(dir.path()).is_empty(), "{durability:?}");
         // Filled past the end: the prepared file becomes segment 2, with
         // the size a rollover gives it, and everything replays.
-        let e = Engine::builder()
-            .segment_size(4 << 20)
-            .durability(durability)
-            .background_sweep(false)
-            .open(dir.path())
-            .unwrap();
+        let e = open();
         let more: Vec<String> = (0..40_000)
             .map(|i| format!("{durability:?}-more-{i}"))
             .collect();

@@ -110,17 +110,16 @@ fn io(storage: &dyn Storage, name: &str) -> impl Fn(std::io::Error) -> Error {
 /// Where replayed records go.
 ///
 /// Replay runs in lanes on several threads when the log is large: a
-/// record's lane is [`Replay::lane`] of its fingerprint, and each lane is
-/// applied by one thread, in log order, never two lanes in one `apply`.
+/// record's lane follows from its fingerprint ([`Replay::lanes_by`]), and
+/// each lane is applied by one thread, in log order, never two lanes in
+/// one `apply`.
 pub(crate) trait Replay: Sync {
     /// Room for this many records (called once, before any `apply`), made
     /// with up to `threads` threads.
     fn reserve(&self, records: u64, threads: u64);
     /// How records are split into lanes. The sink chooses, so that lanes
     /// can own disjoint parts of it.
-    fn lanes_by(&self) -> LaneKey {
-        LaneKey { top_bits: 32 }
-    }
+    fn lanes_by(&self) -> LaneKey;
     /// Apply live records in log order; returns (marks loaded, forgets applied).
     fn apply(&self, records: &[Record]) -> (u64, u64);
 }
