@@ -330,14 +330,8 @@ impl DedupConsumer {
         };
         let stats = Arc::new(ConsumerStats::default());
         let mut client = super::manual_commit_consumer(&config.brokers, &config.group);
-        client
-            // librdkafka pauses a partition's fetching for this long once
-            // its local queue is full (default 1 s): a handler a little
-            // slower than the network would then starve for a second at a
-            // time. Resume quickly instead.
-            .set("fetch.queue.backoff.ms", "20")
-            // Lag per partition for the metrics (a small JSON report).
-            .set("statistics.interval.ms", "5000");
+        // Lag per partition for the metrics (a small JSON report).
+        client.set("statistics.interval.ms", "5000");
         for (k, v) in &config.properties {
             client.set(k, v);
         }

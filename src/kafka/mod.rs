@@ -58,7 +58,13 @@ pub(crate) fn manual_commit_consumer(brokers: &str, group: &str) -> rdkafka::con
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // librdkafka pauses a partition's fetching for this long once its
+        // local queue is full (default 1 s): a consumer a little slower
+        // than the network, or one whose fetched messages wait (the
+        // stage's read-back while the engine opens), would then starve for
+        // a second at a time. Resume quickly instead.
+        .set("fetch.queue.backoff.ms", "20");
     client
 }
 

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedMessage};
@@ -225,23 +224,16 @@ impl ReadBack {
     /// Connect and position the read-back consumer.
     pub fn start(config: &StageConfig, state: &Path) -> Result<ReadBack, BoxError> {
         let recorded = read_checkpoint(&checkpoint_path(state))?;
-        let mut client = ClientConfig::new();
+        // Never commits: the group only lets it `assign` partitions.
+        let mut client =
+            super::manual_commit_consumer(&config.brokers, &format!("{}-readback", config.group));
         client
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", format!("{}-readback", config.group))
             .set("allow.auto.create.topics", "false")
-            .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             // An empty partition answers at once instead of after 500 ms.
             .set("fetch.wait.max.ms", "10")
             // A second of output in one fetch per partition, not 1 MiB ones.
             .set("max.partition.fetch.bytes", "16777216")
-            // A partition whose fetched messages wait for `finish` (they
-            // are fetched while the engine opens) is fetched again 20 ms
-            // after it drains, not a second later (librdkafka's default):
-            // that stalled one restart's read-back in two by 0.5 s.
-            .set("fetch.queue.backoff.ms", "20")
-            .set("auto.offset.reset", "earliest")
             // Transactional mode: what an aborted transaction wrote is not output.
             .set("isolation.level", "read_committed");
         let consumer: BaseConsumer = client.create()?;
@@ -449,11 +441,7 @@ impl KafkaSource {
         stats: Arc<StageStats>,
     ) -> Result<Self, BoxError> {
         let mut client = super::manual_commit_consumer(&config.brokers, &config.group);
-        client
-            .set("statistics.interval.ms", "5000")
-            // A loop slightly slower than its fetcher would otherwise stall
-            // for librdkafka's default 1 s backoff (see the consumer loop).
-            .set("fetch.queue.backoff.ms", "20");
+        client.set("statistics.interval.ms", "5000");
         for (k, v) in &config.consumer_properties {
             client.set(k, v);
         }
