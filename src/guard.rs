@@ -206,6 +206,26 @@ impl IdempotencyGuard {
         }
     }
 
+    /// Claim `fp` without waiting: the synchronous first step of
+    /// [`IdempotencyGuard::process_fingerprint_if_new`], for a caller that
+    /// decides duplicates before it prepares the work (the Kafka loop skips
+    /// a duplicate without copying its message).
+    #[cfg(feature = "kafka")]
+    pub(crate) fn claim(self: &Arc<Self>, fp: Fingerprint) -> Result<Claimed> {
+        match self.try_claim(fp)? {
+            Claim::Ours(mark) => Ok(Claimed::New(ClaimHandle {
+                guard: Arc::clone(self),
+                fp,
+                mark: Some(mark),
+            })),
+            Claim::Done => {
+                self.engine.wait_durable_if_sync()?;
+                Ok(Claimed::Processed)
+            }
+            Claim::Busy(_) => Ok(Claimed::Busy),
+        }
+    }
+
     /// Run `work` if `id` was not processed before; see [`Outcome`].
     ///
     /// Errors (`Err`) are about the id or storage, never about the work:
@@ -312,14 +332,45 @@ impl IdempotencyGuard {
 pub const MAX_METADATA_LEN: usize = crate::MAX_METADATA_LEN;
 
 /// A claim being worked on. Dropped without `commit` — the work failed,
-/// panicked, or its future was cancelled — it releases the id.
-struct ClaimHandle<'g> {
-    guard: &'g IdempotencyGuard,
+/// panicked, or its future was cancelled — it releases the id. `G` is how
+/// it holds the guard: borrowed inside `process_fingerprint_if_new`, an
+/// `Arc` when the claim outlives the call that took it ([`Claimed::New`]).
+pub(crate) struct ClaimHandle<G: std::ops::Deref<Target = IdempotencyGuard>> {
+    guard: G,
     fp: Fingerprint,
     mark: Option<PendingMark>,
 }
 
-impl ClaimHandle<'_> {
+/// What [`IdempotencyGuard::claim`] found, without waiting for anything.
+#[cfg(feature = "kafka")]
+pub(crate) enum Claimed {
+    /// New: the caller runs the work, then commits or releases the claim.
+    New(ClaimHandle<Arc<IdempotencyGuard>>),
+    /// Marked before (and durable, under `Sync`).
+    Processed,
+    /// Another call has it in flight; wait through
+    /// [`IdempotencyGuard::process_fingerprint_if_new`].
+    Busy,
+}
+
+#[cfg(feature = "kafka")]
+impl ClaimHandle<Arc<IdempotencyGuard>> {
+    pub(crate) fn guard(&self) -> &Arc<IdempotencyGuard> {
+        &self.guard
+    }
+
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
+        self.fp
+    }
+
+    /// The work failed: count it and release the id for a retry.
+    pub(crate) fn fail(&mut self) {
+        self.guard.counters.failed.fetch_add(1, Relaxed);
+        self.release();
+    }
+}
+
+impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
     /// Leave the in-flight table and tell any waiters (one atomic step, so
     /// a newcomer sees either the claim or the engine's final answer).
     fn finish(&mut self, state: ClaimState) {
@@ -329,7 +380,7 @@ impl ClaimHandle<'_> {
         }
     }
 
-    fn commit(&mut self) -> Result<()> {
+    pub(crate) fn commit(&mut self) -> Result<()> {
         let Some(mark) = self.mark.take() else {
             return Ok(());
         };
@@ -346,7 +397,7 @@ impl ClaimHandle<'_> {
         }
     }
 
-    fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         if let Some(mark) = self.mark.take() {
             self.guard.engine.release(mark);
             self.guard.counters.released.fetch_add(1, Relaxed);
@@ -355,7 +406,7 @@ impl ClaimHandle<'_> {
     }
 }
 
-impl Drop for ClaimHandle<'_> {
+impl<G: std::ops::Deref<Target = IdempotencyGuard>> Drop for ClaimHandle<G> {
     fn drop(&mut self) {
         self.release();
     }

@@ -19,10 +19,13 @@
 //! the group may not read, stops the loop with an error instead of being
 //! retried forever.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -35,10 +38,10 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
 use super::ids::IdStrategy;
-use super::partitions::{Event, PartitionStats, Partitions};
+use super::partitions::{Event, Partition, PartitionStats, Partitions};
 use super::producer::EventProducer;
 use super::scope::{Scope, Stores};
-use crate::guard::{IdempotencyGuard, Outcome};
+use crate::guard::{ClaimHandle, Claimed, IdempotencyGuard, Outcome};
 use crate::stage::id::InvalidId;
 use crate::stats::Histogram;
 
@@ -220,13 +223,12 @@ pub struct ConsumerStats {
     pub rebalances: AtomicU64,
 }
 
-/// Commits what the loop stored when partitions are revoked, after making
-/// the marks durable, so the next owner starts after them.
+/// Commits what the loop finished when partitions are revoked, after
+/// making the marks durable, so the next owner starts after them.
 struct SeenContext {
     stores: Arc<Stores>,
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
-    revoked: Arc<AtomicBool>,
 }
 
 impl ClientContext for SeenContext {
@@ -253,18 +255,24 @@ impl ConsumerContext for SeenContext {
             }
         }
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.revoked.store(true, Relaxed);
-            // Everything handled so far has its offset stored: sync, then
-            // commit. (Handlers still running finish after this; their
-            // partitions' next owner reads those messages again.)
+            // Everything finished so far: sync, store, commit. (Handlers
+            // still running finish after this; their partitions' next
+            // owner reads those messages again.)
             match self.stores.sync() {
                 Ok(()) => {
+                    store_ready(consumer, &self.partitions);
                     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                         tracing::warn!(error = %e, "seen: offset commit on revoke failed");
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "seen: marks not durable on revoke; offsets not committed")
+                }
+            }
+            // Work of these partitions that finishes later stores nothing.
+            for e in tpl.elements() {
+                if let Some(p) = self.partitions.get(e.topic(), e.partition()) {
+                    p.revoke();
                 }
             }
             // Partition scope: the revoked partitions' stores close, so
@@ -286,7 +294,6 @@ pub struct DedupConsumer {
     stats: Arc<ConsumerStats>,
     partitions: Arc<Partitions>,
     commit_seconds: Histogram,
-    revoked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DedupConsumer {
@@ -336,12 +343,10 @@ impl DedupConsumer {
             client.set(k, v);
         }
         let partitions = Arc::new(Partitions::default());
-        let revoked = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<SeenContext> = client.create_with_context(SeenContext {
             stores: Arc::clone(&stores),
             stats: Arc::clone(&stats),
             partitions: Arc::clone(&partitions),
-            revoked: Arc::clone(&revoked),
         })?;
         // A bounded wait for the brokers, instead of a silent retry loop.
         consumer.fetch_metadata(None, config.connect_timeout)?;
@@ -356,7 +361,6 @@ impl DedupConsumer {
             partitions,
             // 100 µs .. ~50 s
             commit_seconds: Histogram::exponential(1e-4, 2.0, 20),
-            revoked,
         })
     }
 
@@ -395,136 +399,211 @@ impl DedupConsumer {
         // stream still commits what it handled.
         let tick = tokio::time::sleep(self.config.commit_interval);
         tokio::pin!(tick);
-        let mut stored = false;
+        // Something finished since the last commit.
+        let mut dirty = false;
         // Partitions run concurrently, each strictly in order: at most one
-        // message of a partition is being handled; the rest wait in its
-        // queue. `in_flight` counts both, and bounds what is fetched.
-        let mut queues: HashMap<PartitionKey, VecDeque<Arc<OwnedMessage>>> = HashMap::new();
+        // message of a partition is being handled (in `running`); the rest
+        // wait in its lane. `in_flight` counts both, and bounds what is
+        // fetched.
+        let mut lanes: HashMap<PartitionKey, Lane> = HashMap::new();
         let mut running = FuturesUnordered::new();
         let mut in_flight = 0usize;
         let handler = &handler;
-        let start = |msg: Arc<OwnedMessage>| {
-            Box::pin(async move {
-                let r = self.handle(&msg, handler).await;
-                (msg, r)
-            })
-        };
-        let result = loop {
+        // One stream for the whole run: its waker slot is registered once,
+        // not once per message.
+        let mut messages = self.consumer.stream();
+        let result = 'consume: loop {
             let event = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 _ = &mut tick => {
                     tick.as_mut().reset(tokio::time::Instant::now() + self.config.commit_interval);
                     Step::Tick
                 }
-                r = self.consumer.recv(), if in_flight < self.config.max_in_flight => Step::Received(r),
-                Some((msg, r)) = running.next(), if !running.is_empty() => Step::Done(msg, r),
+                r = messages.next(), if in_flight < self.config.max_in_flight => Step::Received(r),
+                Some(f) = running.next(), if !running.is_empty() => Step::Finished(f),
             };
-            match event {
-                Step::Tick if stored => match self.commit() {
-                    Ok(committed) => stored = !committed,
+            // A message whose lane is free to start it.
+            let mut next = match event {
+                Step::Tick if dirty => match self.commit() {
+                    Ok(committed) => {
+                        dirty = !committed;
+                        None
+                    }
                     Err(e) => break Err(e),
                 },
-                Step::Tick => {}
-                Step::Received(Err(e)) => {
+                Step::Tick => None,
+                // librdkafka's stream does not end while the consumer lives.
+                Step::Received(None) => break Ok(()),
+                Step::Received(Some(Err(e))) => {
                     if let Some(fatal) = fatal(&e) {
                         break Err(fatal);
                     }
                     // librdkafka retries broker trouble itself; report and go on.
                     tracing::warn!(error = %e, "seen: kafka consumer error");
+                    None
                 }
-                Step::Received(Ok(msg)) => {
+                Step::Received(Some(Ok(msg))) => {
                     self.stats.received.fetch_add(1, Relaxed);
-                    // One copy, shared with every attempt of the handler.
-                    let owned = Arc::new(msg.detach());
-                    drop(msg);
-                    in_flight += 1;
-                    let key = self.key(&owned);
-                    match queues.get_mut(&key) {
-                        // Its partition is busy: wait behind it.
-                        Some(q) => q.push_back(owned),
-                        None => {
-                            queues.insert(key, VecDeque::new());
-                            running.push(start(owned));
-                        }
-                    }
-                }
-                Step::Done(msg, r) => {
-                    in_flight -= 1;
-                    match r {
-                        Ok(Handled::LeftForNextOwner) => {}
-                        Ok(Handled::Done) => match self.store(&msg) {
-                            Ok(()) => {
-                                stored = true;
-                                self.stats.done.fetch_add(1, Relaxed);
+                    let key = self.key(&msg);
+                    let lane = match lanes.entry(key) {
+                        Entry::Occupied(o) => o.into_mut(),
+                        Entry::Vacant(v) => match self.partitions.get(msg.topic(), msg.partition())
+                        {
+                            Some(p) => v.insert(Lane::new(p)),
+                            // A negative partition: no broker sends one.
+                            None => continue,
+                        },
+                    };
+                    let generation = lane.partition.generation();
+                    if lane.busy {
+                        // Its partition is busy: one copy waits behind it.
+                        lane.waiting.push_back((Arc::new(msg.detach()), generation));
+                        in_flight += 1;
+                        None
+                    } else {
+                        // Decided here if possible: a duplicate is skipped
+                        // without copying the message.
+                        match self.begin(&msg, &lane.partition) {
+                            Ok(Begin::Finished(h)) => {
+                                dirty |= self.finish(&lane.partition, msg.offset(), generation, h);
+                                None
+                            }
+                            Ok(begin) => {
+                                // One copy, shared with every attempt of the handler.
+                                let owned = Arc::new(msg.detach());
+                                Some((key, owned, generation, begin))
                             }
                             Err(e) => break Err(e),
-                        },
-                        Err(e) => break Err(e),
-                    }
-                    let key = self.key(&msg);
-                    match queues.get_mut(&key).and_then(VecDeque::pop_front) {
-                        Some(next) => running.push(start(next)),
-                        None => {
-                            queues.remove(&key);
                         }
                     }
                 }
-            }
-            // Partitions revoked since the last step: drop what waits for
-            // them (the next owner reads it again from the committed offset).
-            if self.revoked.swap(false, Relaxed) {
-                let assigned: Vec<(String, i32)> = match self.consumer.assignment() {
-                    Ok(tpl) => {
-                        let v = tpl
-                            .elements()
-                            .iter()
-                            .map(|e| (e.topic().to_owned(), e.partition()))
-                            .collect();
-                        drop(tpl);
-                        v
+                Step::Finished(f) => {
+                    in_flight -= 1;
+                    let Some(lane) = lanes.get_mut(&f.key) else {
+                        continue;
+                    };
+                    match f.result {
+                        Ok(h) => dirty |= self.finish(&lane.partition, f.offset, f.generation, h),
+                        Err(e) => break Err(e),
                     }
-                    Err(_) => Vec::new(),
+                    match self.next_waiting(f.key, lane, &mut in_flight) {
+                        Ok(next) => next,
+                        Err(e) => break Err(e),
+                    }
+                }
+            };
+            // Run the lane's messages, each polled once right away: a
+            // handler that does not wait finishes here, without a trip
+            // through `running`. The first that waits parks its lane.
+            while let Some((key, msg, generation, begin)) = next.take() {
+                let Some(lane) = lanes.get_mut(&key) else {
+                    break;
                 };
-                for q in queues.values_mut() {
-                    let before = q.len();
-                    q.retain(|m| {
-                        assigned
-                            .iter()
-                            .any(|(t, p)| t == m.topic() && *p == m.partition())
-                    });
-                    in_flight -= before - q.len();
+                let claim = match begin {
+                    Begin::Claimed(claim) => Some(claim),
+                    Begin::Slow => None,
+                    Begin::Finished(_) => unreachable!("decided messages are not started"),
+                };
+                let offset = msg.offset();
+                let mut work = Box::pin(async move {
+                    let result = self.handle(&msg, claim, handler).await;
+                    Finished {
+                        key,
+                        offset,
+                        generation,
+                        result,
+                    }
+                });
+                match poll_once(&mut work).await {
+                    Poll::Pending => {
+                        lane.busy = true;
+                        in_flight += 1;
+                        running.push(work);
+                    }
+                    Poll::Ready(f) => {
+                        match f.result {
+                            Ok(h) => dirty |= self.finish(&lane.partition, offset, generation, h),
+                            Err(e) => break 'consume Err(e),
+                        }
+                        match self.next_waiting(key, lane, &mut in_flight) {
+                            Ok(n) => next = n,
+                            Err(e) => break 'consume Err(e),
+                        }
+                    }
                 }
             }
         };
+        drop(messages);
         // Stop: finish the handlers already running (start nothing new),
         // then make what was handled durable and commit it (a commit the
         // group defers here is redelivered to the next owner, whose dedup
         // skips what is marked).
         let mut result = result;
-        while let Some((msg, r)) = running.next().await {
-            let r = match r {
-                Ok(Handled::LeftForNextOwner) => continue,
-                Ok(Handled::Done) => self.store(&msg),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(()) => {
-                    stored = true;
-                    self.stats.done.fetch_add(1, Relaxed);
+        while let Some(f) = running.next().await {
+            match (f.result, lanes.get(&f.key)) {
+                (Ok(h), Some(lane)) => {
+                    dirty |= self.finish(&lane.partition, f.offset, f.generation, h)
                 }
-                Err(e) => {
+                (Ok(_), None) => {}
+                (Err(e), _) => {
                     if result.is_ok() {
                         result = Err(e);
                     }
                 }
             }
         }
-        let committed = if stored {
+        let committed = if dirty {
             self.final_commit().await
         } else {
             Ok(())
         };
         result.and(committed)
+    }
+
+    /// The lane's next waiting message to start, deciding on the way the
+    /// ones that need no handler; `None` (and the lane idle) when nothing
+    /// waits. Messages received before their partition was revoked are
+    /// dropped unhandled: they are the next owner's.
+    fn next_waiting(
+        &self,
+        key: PartitionKey,
+        lane: &mut Lane,
+        in_flight: &mut usize,
+    ) -> Result<Option<Ready>, ConsumeError> {
+        while let Some((msg, generation)) = lane.waiting.pop_front() {
+            *in_flight -= 1;
+            if generation != lane.partition.generation() {
+                continue;
+            }
+            match self.begin(&*msg, &lane.partition)? {
+                Begin::Finished(h) => {
+                    self.finish(&lane.partition, msg.offset(), generation, h);
+                }
+                begin => {
+                    lane.busy = true;
+                    return Ok(Some((key, msg, generation, begin)));
+                }
+            }
+        }
+        lane.busy = false;
+        Ok(None)
+    }
+
+    /// A message is done: its offset may be committed (unless its
+    /// partition was revoked meanwhile). Returns whether an offset moved.
+    fn finish(&self, partition: &Partition, offset: i64, generation: u64, h: Handled) -> bool {
+        match h {
+            Handled::LeftForNextOwner => false,
+            Handled::Ran | Handled::Done => {
+                if h == Handled::Ran {
+                    self.stats.handled.fetch_add(1, Relaxed);
+                    partition.count(Event::Handled);
+                }
+                partition.done(offset, generation);
+                self.stats.done.fetch_add(1, Relaxed);
+                true
+            }
+        }
     }
 
     /// The last commit, retried while the group defers it (a rebalance, a
@@ -550,7 +629,7 @@ impl DedupConsumer {
 
     /// A message's partition, without allocating: the topic by its place
     /// in the subscription.
-    fn key(&self, msg: &OwnedMessage) -> PartitionKey {
+    fn key(&self, msg: &impl Message) -> PartitionKey {
         let topic = self
             .config
             .topics
@@ -560,31 +639,43 @@ impl DedupConsumer {
         (topic, msg.partition())
     }
 
-    /// Store a handled message's offset for the next commit. A partition
-    /// revoked meanwhile refuses it: its next owner reads the message again
-    /// (and skips it if the mark is shared or already durable).
-    fn store(&self, msg: &OwnedMessage) -> Result<(), ConsumeError> {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        match self
-            .consumer
-            .store_offset(msg.topic(), msg.partition(), msg.offset())
-        {
-            Ok(()) => Ok(()),
-            Err(KafkaError::StoreOffset(Code::State | Code::UnknownPartition)) => {
-                tracing::debug!(
-                    topic = msg.topic(),
-                    partition = msg.partition(),
-                    "seen: partition revoked while its message was handled"
-                );
-                Ok(())
+    /// What can be decided about `msg` without waiting: a duplicate (or a
+    /// partition gone) is finished here; a new id comes back claimed; an
+    /// unreadable id or an id in flight elsewhere takes the full path.
+    fn begin(&self, msg: &impl Message, partition: &Partition) -> Result<Begin, ConsumeError> {
+        let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
+            return match self.stores.failure() {
+                Some(why) => Err(ConsumeError::Store(why)),
+                // Revoked (partition scope) while this message waited: it
+                // is its next owner's now. Leave it unhandled and unstored.
+                None => Ok(Begin::Finished(Handled::LeftForNextOwner)),
+            };
+        };
+        let Ok(id) = self.config.ids.id_of(msg) else {
+            return Ok(Begin::Slow);
+        };
+        let Ok(fp) = guard.engine().fingerprint(&id) else {
+            return Ok(Begin::Slow);
+        };
+        Ok(match guard.claim(fp)? {
+            Claimed::New(claim) => Begin::Claimed(claim),
+            Claimed::Processed => {
+                self.stats.duplicates.fetch_add(1, Relaxed);
+                partition.count(Event::Duplicate);
+                Begin::Finished(Handled::Done)
             }
-            Err(e) => Err(e.into()),
-        }
+            Claimed::Busy => Begin::Slow,
+        })
     }
 
+    /// Run the handler for `msg`, with retries, per the policies. `claim`
+    /// is the id's claim when [`DedupConsumer::begin`] took it; without
+    /// one the message goes through the guard (which waits for a claim in
+    /// flight elsewhere) and the invalid-id policy.
     async fn handle<H, Fut, E>(
         &self,
         msg: &Arc<OwnedMessage>,
+        claim: Option<ClaimHandle<Arc<IdempotencyGuard>>>,
         handler: &H,
     ) -> Result<Handled, ConsumeError>
     where
@@ -592,40 +683,56 @@ impl DedupConsumer {
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
-            return match self.stores.failure() {
-                Some(why) => Err(ConsumeError::Store(why)),
-                // Revoked (partition scope) while this message waited: it
-                // is its next owner's now. Leave it unhandled and unstored.
-                None => Ok(Handled::LeftForNextOwner),
-            };
+        let (guard, fp) = match &claim {
+            Some(c) => (Arc::clone(c.guard()), c.fingerprint()),
+            None => {
+                let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
+                    return match self.stores.failure() {
+                        Some(why) => Err(ConsumeError::Store(why)),
+                        None => Ok(Handled::LeftForNextOwner),
+                    };
+                };
+                // An id the engine would refuse (empty, over `max_id_len`)
+                // is an invalid message too, decided before any handler runs.
+                let fp = match self.config.ids.id_of(&**msg) {
+                    Ok(id) => match guard.engine().fingerprint(&id) {
+                        Ok(fp) => fp,
+                        Err(e) => {
+                            let why = InvalidId::Refused(e.to_string());
+                            return self.invalid(msg, why).await.map(|()| Handled::Done);
+                        }
+                    },
+                    Err(why) => return self.invalid(msg, why).await.map(|()| Handled::Done),
+                };
+                (guard, fp)
+            }
         };
-        // An id the engine would refuse (empty, over `max_id_len`) is an
-        // invalid message too, decided before any handler runs.
-        // The fingerprint is computed once, here, and handed to the guard.
-        let fp = match self.config.ids.id_of(&**msg) {
-            Ok(id) => match guard.engine().fingerprint(&id) {
-                Ok(fp) => fp,
-                Err(e) => {
-                    let why = InvalidId::Refused(e.to_string());
-                    return self.invalid(msg, why).await.map(|()| Handled::Done);
-                }
-            },
-            Err(why) => return self.invalid(msg, why).await.map(|()| Handled::Done),
-        };
+        let mut claim = claim;
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match guard
-                .process_fingerprint_if_new(fp, handler(Arc::clone(msg)))
-                .await?
-            {
-                Outcome::Success(()) => {
-                    self.stats.handled.fetch_add(1, Relaxed);
-                    self.count(msg, Event::Handled);
-                    return Ok(Handled::Done);
+            let outcome = match claim.take() {
+                // The first attempt under the claim `begin` took.
+                Some(mut claim) => match handler(Arc::clone(msg)).await {
+                    Ok(()) => {
+                        claim.commit()?;
+                        Outcome::Success(())
+                    }
+                    Err(e) => {
+                        claim.fail();
+                        Outcome::Failed(e)
+                    }
+                },
+                None => {
+                    guard
+                        .process_fingerprint_if_new(fp, handler(Arc::clone(msg)))
+                        .await?
                 }
+            };
+            match outcome {
+                // Counted by `finish`, which holds the partition's state.
+                Outcome::Success(()) => return Ok(Handled::Ran),
                 Outcome::AlreadyProcessed | Outcome::InFlight => {
                     self.stats.duplicates.fetch_add(1, Relaxed);
                     self.count(msg, Event::Duplicate);
@@ -702,8 +809,12 @@ impl DedupConsumer {
         Ok(())
     }
 
+    /// Count an event off the hot path (failures, invalid ids, dead
+    /// letters, duplicates met while waiting).
     fn count(&self, msg: &OwnedMessage, event: Event) {
-        self.partitions.count(msg.topic(), msg.partition(), event);
+        if let Some(p) = self.partitions.get(msg.topic(), msg.partition()) {
+            p.count(event);
+        }
     }
 
     /// Marks durable first, then the offsets that they cover.
@@ -716,6 +827,7 @@ impl DedupConsumer {
         use rdkafka::types::RDKafkaErrorCode as Code;
         let started = std::time::Instant::now();
         self.stores.sync()?;
+        store_ready(&self.consumer, &self.partitions);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
             // Nothing stored since the last commit (e.g. after a revoke).
@@ -743,23 +855,90 @@ impl DedupConsumer {
 }
 
 /// What became of one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Handled {
-    /// Handled, skipped as a duplicate or as invalid, or dead-lettered:
-    /// its offset may move on.
+    /// The handler ran and succeeded; the id is marked.
+    Ran,
+    /// Skipped as a duplicate or as invalid, or dead-lettered (counted
+    /// where that was decided): its offset may move on.
     Done,
     /// Its partition was revoked (partition scope) while it waited: it is
     /// the next owner's now; neither handled nor stored.
     LeftForNextOwner,
 }
 
+/// What [`DedupConsumer::begin`] decided.
+enum Begin {
+    /// Nothing to run.
+    Finished(Handled),
+    /// A new id, claimed: run the handler.
+    Claimed(ClaimHandle<Arc<IdempotencyGuard>>),
+    /// Needs the full path: an unreadable id, or one in flight elsewhere.
+    Slow,
+}
+
+/// A message ready to start on its idle lane.
+type Ready = (PartitionKey, Arc<OwnedMessage>, u64, Begin);
+
+/// One partition's place in the loop.
+struct Lane {
+    partition: Arc<Partition>,
+    /// Received while a message of the partition was being handled, with
+    /// the partition's generation then.
+    waiting: VecDeque<(Arc<OwnedMessage>, u64)>,
+    /// A message of the partition is in `running`.
+    busy: bool,
+}
+
+impl Lane {
+    fn new(partition: Arc<Partition>) -> Self {
+        Lane {
+            partition,
+            waiting: VecDeque::new(),
+            busy: false,
+        }
+    }
+}
+
+/// A handler's run, finished.
+struct Finished {
+    key: PartitionKey,
+    offset: i64,
+    generation: u64,
+    result: Result<Handled, ConsumeError>,
+}
+
+/// Poll `work` once in the caller's task: a future that is ready at once
+/// never needs a place in the `FuturesUnordered`.
+async fn poll_once<F: Future + ?Sized>(work: &mut Pin<Box<F>>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await
+}
+
 /// A partition of the subscription: (topic's index, partition).
 type PartitionKey = (usize, i32);
 
 /// What woke the loop.
-enum Step<'a, R> {
+enum Step<'a> {
     Tick,
-    Received(Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>),
-    Done(Arc<OwnedMessage>, R),
+    Received(Option<Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>>),
+    Finished(Finished),
+}
+
+/// Hand librdkafka the offsets finished since the last commit, one call
+/// per partition (per commit, not per message). A partition revoked
+/// meanwhile refuses its offset: its next owner reads those messages again
+/// (and skips them where the marks are shared or already durable).
+fn store_ready<C: Consumer<X>, X: ConsumerContext>(consumer: &C, partitions: &Partitions) {
+    for p in partitions.all() {
+        let Some(next) = p.take_ready() else {
+            continue;
+        };
+        // `store_offset` stores its argument + 1: the next offset to read.
+        if let Err(e) = consumer.store_offset(&p.topic, p.partition, next - 1) {
+            tracing::debug!(topic = %p.topic, partition = p.partition, error = %e,
+                "seen: offset not stored (partition revoked?)");
+        }
+    }
 }
 
 /// Errors from `recv` that no retry will mend: the loop stops with them

@@ -1,9 +1,14 @@
-//! Per-partition counts of a consumer, and its lag as librdkafka reports it.
+//! Per-partition state of a consumer: its counts, its lag as librdkafka
+//! reports it, and the offset its loop may commit next.
 //!
-//! The loop handles one message at a time, so these are written by one task
-//! and read at scrape time: an uncontended lock per message.
+//! Each partition's state is an `Arc` of atomics that the loop looks up
+//! once, when it first meets the partition, and then updates with plain
+//! atomic stores: no lock and no map lookup per message. Scrapes and the
+//! rebalance callback read the same atomics.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -36,24 +41,103 @@ pub(crate) enum Event {
     DeadLettered,
 }
 
-/// Every partition this consumer has seen: topic → stats by partition.
-#[derive(Debug, Default)]
-pub(crate) struct Partitions(Mutex<BTreeMap<String, Vec<PartitionStats>>>);
+/// No offset waiting to be stored.
+const NOTHING: i64 = -1;
 
-const UNSEEN: PartitionStats = PartitionStats {
-    handled: 0,
-    duplicates: 0,
-    invalid: 0,
-    failed: 0,
-    dead_lettered: 0,
-    lag: -1,
-};
+/// One topic-partition's live state.
+#[derive(Debug)]
+pub(crate) struct Partition {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    invalid: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    lag: AtomicI64,
+    /// The offset to commit next (one past the last message done, with
+    /// every message before it done), not yet handed to librdkafka.
+    ready: AtomicI64,
+    /// Bumped when the partition is revoked: work started before it may
+    /// not store an offset after it.
+    generation: AtomicU64,
+}
+
+impl Partition {
+    fn new(topic: &str, partition: i32) -> Self {
+        Partition {
+            topic: topic.to_owned(),
+            partition,
+            handled: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            invalid: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+            ready: AtomicI64::new(NOTHING),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn count(&self, event: Event) {
+        let counter = match event {
+            Event::Handled => &self.handled,
+            Event::Duplicate => &self.duplicates,
+            Event::Invalid => &self.invalid,
+            Event::Failed => &self.failed,
+            Event::DeadLettered => &self.dead_lettered,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
+    /// The message at `offset` is done (and every one before it): its
+    /// successor is the next offset to commit, unless the partition was
+    /// revoked since the work started (`generation`).
+    pub(crate) fn done(&self, offset: i64, generation: u64) {
+        if self.generation.load(Relaxed) == generation {
+            self.ready.store(offset + 1, Relaxed);
+        }
+    }
+
+    /// The offset waiting to be stored, if any, taken.
+    pub(crate) fn take_ready(&self) -> Option<i64> {
+        let o = self.ready.swap(NOTHING, Relaxed);
+        (o != NOTHING).then_some(o)
+    }
+
+    /// Revoked: forget what waits to be stored and refuse what finishes later.
+    pub(crate) fn revoke(&self) {
+        self.generation.fetch_add(1, Relaxed);
+        self.ready.store(NOTHING, Relaxed);
+    }
+
+    fn stats(&self) -> PartitionStats {
+        PartitionStats {
+            handled: self.handled.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            invalid: self.invalid.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            lag: self.lag.load(Relaxed),
+        }
+    }
+}
+
+/// Every partition this consumer has met: topic → state by partition. The
+/// lock is taken when a partition is first met, on rebalances, at commits
+/// and at scrapes; never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Partitions(Mutex<BTreeMap<String, Vec<Option<Arc<Partition>>>>>);
 
 impl Partitions {
-    fn with(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionStats)) {
-        let Ok(p) = usize::try_from(partition) else {
-            return;
-        };
+    /// The state of `topic`/`partition`, made on first use (`None` for a
+    /// negative partition, which no message carries).
+    pub(crate) fn get(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
+        let p = usize::try_from(partition).ok()?;
         let mut map = self.0.lock();
         // Found by `&str`: no allocation for a topic already seen.
         let parts = match map.get_mut(topic) {
@@ -61,38 +145,39 @@ impl Partitions {
             None => map.entry(topic.to_owned()).or_default(),
         };
         if parts.len() <= p {
-            parts.resize(p + 1, UNSEEN);
+            parts.resize(p + 1, None);
         }
-        if let Some(s) = parts.get_mut(p) {
-            f(s);
-        }
-    }
-
-    pub(crate) fn count(&self, topic: &str, partition: i32, event: Event) {
-        self.with(topic, partition, |s| match event {
-            Event::Handled => s.handled += 1,
-            Event::Duplicate => s.duplicates += 1,
-            Event::Invalid => s.invalid += 1,
-            Event::Failed => s.failed += 1,
-            Event::DeadLettered => s.dead_lettered += 1,
-        })
+        let slot = &mut parts[p];
+        Some(Arc::clone(slot.get_or_insert_with(|| {
+            Arc::new(Partition::new(topic, partition))
+        })))
     }
 
     pub(crate) fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
-        self.with(topic, partition, |s| s.lag = lag)
+        if let Some(p) = self.get(topic, partition) {
+            p.lag.store(lag, Relaxed);
+        }
+    }
+
+    /// Every partition met so far.
+    pub(crate) fn all(&self) -> Vec<Arc<Partition>> {
+        self.0
+            .lock()
+            .values()
+            .flat_map(|parts| parts.iter().flatten().cloned())
+            .collect()
     }
 
     /// Partitions that saw a message or a lag report.
     pub(crate) fn snapshot(&self) -> Vec<(String, i32, PartitionStats)> {
-        let map = self.0.lock();
-        let mut out = Vec::new();
-        for (topic, parts) in map.iter() {
-            for (p, s) in parts.iter().enumerate() {
-                if *s != UNSEEN {
-                    out.push((topic.clone(), p as i32, *s));
-                }
-            }
-        }
-        out
+        let unseen = PartitionStats {
+            lag: -1,
+            ..PartitionStats::default()
+        };
+        self.all()
+            .iter()
+            .map(|p| (p.topic.clone(), p.partition, p.stats()))
+            .filter(|(_, _, s)| *s != unseen)
+            .collect()
     }
 }
