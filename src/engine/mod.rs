@@ -586,6 +586,17 @@ impl Engine {
         Ok(self.contains_fingerprint(fp))
     }
 
+    /// Start loading the memory a check of `fp` will touch first, so that
+    /// a check issued a little later (after other work) does not wait for
+    /// it: the Kafka loop prefetches the next message's id while it
+    /// handles the current one.
+    #[inline]
+    pub(crate) fn prefetch(&self, fp: Fingerprint) {
+        if self.remembers() {
+            self.inner.set.prefetch(fp, &epoch::pin());
+        }
+    }
+
     /// [`Engine::contains`] for a fingerprint computed earlier.
     #[inline]
     pub fn contains_fingerprint(&self, fp: Fingerprint) -> bool {

@@ -1,9 +1,11 @@
 //! A dedup consumer loop over rdkafka's `StreamConsumer`:
 //!
 //! ```text
-//! recv ─► id ─► guard.process_if_new(id, handler) ─► store offset
+//! recv ─► id ─► claim ─┬─ duplicate ─────────────────────► offset ready
+//!                      └─ new ─► handler ─► mark (log) ──► offset ready
 //!   every commit interval, on revoke and on shutdown:
-//!   make the engine's marks durable (engine.sync) ─► commit stored offsets
+//!   make the engine's marks durable (engine.sync) ─► store the ready
+//!   offsets (one per partition) ─► commit them
 //! ```
 //!
 //! Offsets are committed only after every message up to them was handled
@@ -18,6 +20,13 @@
 //! fetching until handlers catch up. A topic that does not exist, or that
 //! the group may not read, stops the loop with an error instead of being
 //! retried forever.
+//!
+//! The per-message path is kept short because it runs once per event at
+//! broker speed: a duplicate is decided from the borrowed message (no
+//! copy), a handler that completes without waiting finishes inline, the
+//! next message is peeked at so its set slot is prefetched while the
+//! current one is handled, and offsets are handed to librdkafka once per
+//! partition per commit rather than once per message.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -30,7 +39,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, MessageStream, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
@@ -412,15 +421,43 @@ impl DedupConsumer {
         // One stream for the whole run: its waker slot is registered once,
         // not once per message.
         let mut messages = self.consumer.stream();
+        // The next message, taken while the current one is handled so the
+        // memory its check touches is already on its way (see `peek`).
+        let mut lookahead: Option<Step<'_>> = None;
+        // Look-ahead steps taken in a row without a `select!`: bounded, so
+        // ticks, finished handlers and shutdown get their turn.
+        let mut burst = 0u32;
         let result = 'consume: loop {
-            let event = tokio::select! {
-                _ = &mut shutdown => break Ok(()),
-                _ = &mut tick => {
-                    tick.as_mut().reset(tokio::time::Instant::now() + self.config.commit_interval);
-                    Step::Tick
+            let event = match lookahead.take() {
+                Some(step) if burst < 64 => {
+                    burst += 1;
+                    step
                 }
-                r = messages.next(), if in_flight < self.config.max_in_flight => Step::Received(r),
-                Some(f) = running.next(), if !running.is_empty() => Step::Finished(f),
+                ahead => {
+                    burst = 0;
+                    lookahead = ahead;
+                    let has_ahead = lookahead.is_some();
+                    tokio::select! {
+                        _ = &mut shutdown => break Ok(()),
+                        _ = &mut tick => {
+                            tick.as_mut().reset(tokio::time::Instant::now() + self.config.commit_interval);
+                            Step::Tick
+                        }
+                        // Never polled while a message waits in `lookahead`:
+                        // messages are taken in order.
+                        r = messages.next(), if !has_ahead && in_flight < self.config.max_in_flight => match r {
+                            Some(Ok(msg)) => Step::Message(msg, None),
+                            Some(Err(e)) => Step::Error(e),
+                            // librdkafka's stream does not end while the consumer lives.
+                            None => break Ok(()),
+                        },
+                        _ = std::future::ready(()), if has_ahead => match lookahead.take() {
+                            Some(step) => step,
+                            None => continue,
+                        },
+                        Some(f) = running.next(), if !running.is_empty() => Step::Finished(f),
+                    }
+                }
             };
             // A message whose lane is free to start it.
             let mut next = match event {
@@ -432,9 +469,7 @@ impl DedupConsumer {
                     Err(e) => break Err(e),
                 },
                 Step::Tick => None,
-                // librdkafka's stream does not end while the consumer lives.
-                Step::Received(None) => break Ok(()),
-                Step::Received(Some(Err(e))) => {
+                Step::Error(e) => {
                     if let Some(fatal) = fatal(&e) {
                         break Err(fatal);
                     }
@@ -442,7 +477,7 @@ impl DedupConsumer {
                     tracing::warn!(error = %e, "seen: kafka consumer error");
                     None
                 }
-                Step::Received(Some(Ok(msg))) => {
+                Step::Message(msg, known) => {
                     self.stats.received.fetch_add(1, Relaxed);
                     let key = self.key(&msg);
                     let lane = match lanes.entry(key) {
@@ -455,6 +490,13 @@ impl DedupConsumer {
                         },
                     };
                     let generation = lane.partition.generation();
+                    if lookahead.is_none() && in_flight < self.config.max_in_flight {
+                        lookahead = self.peek(&mut messages).await;
+                        if lane.partition.generation() != generation {
+                            // Revoked during the peek: the next owner's now.
+                            continue;
+                        }
+                    }
                     if lane.busy {
                         // Its partition is busy: one copy waits behind it.
                         lane.waiting.push_back((Arc::new(msg.detach()), generation));
@@ -463,7 +505,7 @@ impl DedupConsumer {
                     } else {
                         // Decided here if possible: a duplicate is skipped
                         // without copying the message.
-                        match self.begin(&msg, &lane.partition) {
+                        match self.begin(&msg, &lane.partition, known) {
                             Ok(Begin::Finished(h)) => {
                                 dirty |= self.finish(&lane.partition, msg.offset(), generation, h);
                                 None
@@ -575,7 +617,7 @@ impl DedupConsumer {
             if generation != lane.partition.generation() {
                 continue;
             }
-            match self.begin(&*msg, &lane.partition)? {
+            match self.begin(&*msg, &lane.partition, None)? {
                 Begin::Finished(h) => {
                     self.finish(&lane.partition, msg.offset(), generation, h);
                 }
@@ -639,10 +681,43 @@ impl DedupConsumer {
         (topic, msg.partition())
     }
 
+    /// The message after the current one, if librdkafka has it already,
+    /// with its id's fingerprint and a prefetch of where the engine will
+    /// look it up: that memory load (a cache and TLB miss on a large set)
+    /// then overlaps the current message's work instead of stalling the
+    /// next one's check.
+    async fn peek<'c>(&'c self, messages: &mut MessageStream<'c, SeenContext>) -> Option<Step<'c>> {
+        match std::future::poll_fn(|cx| Poll::Ready(messages.poll_next_unpin(cx))).await {
+            Poll::Ready(Some(Ok(msg))) => {
+                let known = self.locate(&msg);
+                Some(Step::Message(msg, known))
+            }
+            Poll::Ready(Some(Err(e))) => Some(Step::Error(e)),
+            Poll::Ready(None) | Poll::Pending => None,
+        }
+    }
+
+    /// `msg`'s guard and fingerprint, its slot prefetched; `None` when the
+    /// id is unreadable (decided again, with the reason, by `begin`).
+    fn locate(&self, msg: &impl Message) -> Option<Located> {
+        let guard = self.stores.guard(msg.topic(), msg.partition())?;
+        let id = self.config.ids.id_of(msg).ok()?;
+        let fp = guard.engine().fingerprint(&id).ok()?;
+        guard.engine().prefetch(fp);
+        Some((guard, fp))
+    }
+
     /// What can be decided about `msg` without waiting: a duplicate (or a
     /// partition gone) is finished here; a new id comes back claimed; an
     /// unreadable id or an id in flight elsewhere takes the full path.
-    fn begin(&self, msg: &impl Message, partition: &Partition) -> Result<Begin, ConsumeError> {
+    /// `known` is what `locate` found earlier, used if the partition's
+    /// guard is still the same (a fingerprint is keyed per engine).
+    fn begin(
+        &self,
+        msg: &impl Message,
+        partition: &Partition,
+        known: Option<Located>,
+    ) -> Result<Begin, ConsumeError> {
         let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
             return match self.stores.failure() {
                 Some(why) => Err(ConsumeError::Store(why)),
@@ -651,11 +726,17 @@ impl DedupConsumer {
                 None => Ok(Begin::Finished(Handled::LeftForNextOwner)),
             };
         };
-        let Ok(id) = self.config.ids.id_of(msg) else {
-            return Ok(Begin::Slow);
-        };
-        let Ok(fp) = guard.engine().fingerprint(&id) else {
-            return Ok(Begin::Slow);
+        let fp = match known {
+            Some((g, fp)) if Arc::ptr_eq(&g, &guard) => fp,
+            _ => {
+                let Ok(id) = self.config.ids.id_of(msg) else {
+                    return Ok(Begin::Slow);
+                };
+                let Ok(fp) = guard.engine().fingerprint(&id) else {
+                    return Ok(Begin::Slow);
+                };
+                fp
+            }
         };
         Ok(match guard.claim(fp)? {
             Claimed::New(claim) => Begin::Claimed(claim),
@@ -920,9 +1001,14 @@ type PartitionKey = (usize, i32);
 /// What woke the loop.
 enum Step<'a> {
     Tick,
-    Received(Option<Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>>),
+    /// A message, with what `locate` found if it was peeked at.
+    Message(rdkafka::message::BorrowedMessage<'a>, Option<Located>),
+    Error(KafkaError),
     Finished(Finished),
 }
+
+/// A message's guard and its id's fingerprint under that guard's engine.
+type Located = (Arc<IdempotencyGuard>, crate::Fingerprint);
 
 /// Hand librdkafka the offsets finished since the last commit, one call
 /// per partition (per commit, not per message). A partition revoked

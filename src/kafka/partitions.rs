@@ -181,3 +181,44 @@ impl Partitions {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offset_is_ready_once_and_never_after_its_partition_was_revoked() {
+        let parts = Partitions::default();
+        let p = parts.get("t", 3).unwrap();
+        assert!(
+            Arc::ptr_eq(&p, &parts.get("t", 3).unwrap()),
+            "one state per partition"
+        );
+        assert!(parts.get("t", -1).is_none());
+        assert_eq!(p.take_ready(), None);
+
+        let g = p.generation();
+        p.done(41, g);
+        p.done(42, g);
+        assert_eq!(p.take_ready(), Some(43), "the next offset to read");
+        assert_eq!(p.take_ready(), None, "taken once");
+
+        // Finished before the revoke, not yet stored: dropped by it.
+        p.done(50, g);
+        p.revoke();
+        assert_eq!(p.take_ready(), None);
+        // Work started before the revoke finishes after it: refused.
+        p.done(60, g);
+        assert_eq!(p.take_ready(), None);
+        // Work of the new generation counts again.
+        p.done(70, p.generation());
+        assert_eq!(p.take_ready(), Some(71));
+
+        p.count(Event::Duplicate);
+        parts.set_lag("t", 3, 9);
+        let snap = parts.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].2.duplicates, 1);
+        assert_eq!(snap[0].2.lag, 9);
+    }
+}
