@@ -590,6 +590,7 @@ impl Engine {
     /// a check issued a little later (after other work) does not wait for
     /// it: the Kafka loop prefetches the next message's id while it
     /// handles the current one.
+    #[cfg(feature = "kafka")]
     #[inline]
     pub(crate) fn prefetch(&self, fp: Fingerprint) {
         if self.remembers() {
