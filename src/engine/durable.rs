@@ -158,6 +158,13 @@ impl Durable {
         self.wal.append_forget(fp, expiry.to_unix_secs(), guard)
     }
 
+    /// Under `Sync`, a call that will wait for its records starts: a sync
+    /// leader gathers for it until the guard is dropped (just before the
+    /// call's own wait). Nothing to track otherwise.
+    pub(super) fn open_call(&self) -> Option<crate::wal::OpenCall<'_>> {
+        matches!(self.durability, Durability::Sync).then(|| self.wal.open_call())
+    }
+
     /// Keep the durability's promise for everything up to `pos`: under
     /// `Sync`, wait until it is on disk; otherwise return at once.
     pub(super) fn settle(&self, pos: Position) -> Result<()> {

@@ -299,6 +299,7 @@ impl Engine {
         metadata: Option<&[u8]>,
     ) -> Result<Verdict> {
         let guard = &epoch::pin();
+        let call = self.inner.durable.as_ref().and_then(|d| d.open_call());
         let now = self.inner.now();
         let expiry = self.expiry(now, ttl);
         match self.mark_in_memory(fp, now, expiry, guard, &mut Tally::new(self))? {
@@ -307,13 +308,20 @@ impl Engine {
                     (Some(meta), Some(d)) if mark.is_remembered() => {
                         let pos =
                             d.append_with_metadata(&self.inner.set, mark, meta, now, guard)?;
+                        drop(call);
                         d.settle(pos)?;
                     }
-                    _ => self.persist(&[mark], now, guard)?,
+                    (_, Some(d)) => {
+                        let pos = d.append(&self.inner.set, &[mark], now, guard)?;
+                        drop(call);
+                        d.settle(pos)?;
+                    }
+                    (_, None) => {}
                 }
                 Ok(Verdict::New)
             }
             Deferred::Duplicate => {
+                drop(call);
                 self.settle_duplicate(guard)?;
                 Ok(Verdict::Duplicate)
             }
@@ -439,6 +447,7 @@ impl Engine {
             expiry: FORGOTTEN_AT_ONCE,
         }; N];
         let mut n_fresh = 0;
+        let call = self.inner.durable.as_ref().and_then(|d| d.open_call());
         let logged = expiry.is_some();
         let log = |fresh: &[PendingMark]| match &self.inner.durable {
             Some(d) if logged && !fresh.is_empty() => {
@@ -486,6 +495,7 @@ impl Engine {
             }
         }
         log(&fresh[..n_fresh])?;
+        drop(call);
         // One group commit for the whole batch, covering its duplicates too.
         self.settle_duplicate(guard)
     }

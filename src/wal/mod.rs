@@ -39,7 +39,7 @@ pub(crate) mod sim;
 pub(crate) mod storage;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::Arc;
 
 use crossbeam_epoch::{Atomic, Guard, Owned};
@@ -198,6 +198,10 @@ pub(crate) struct Wal {
     sealed: Mutex<Vec<Sealed>>,
     /// Everything before this position is on disk.
     durable: AtomicU64,
+    /// Calls under way that will wait for a sync once their records are
+    /// appended (see [`Wal::open_call`]): a sync leader waits a little for
+    /// them, so one sync carries every writer's records.
+    open_calls: AtomicUsize,
     sync_state: Mutex<SyncState>,
     synced_cv: Condvar,
     poisoned: AtomicBool,
@@ -315,6 +319,7 @@ impl Wal {
             rotation: Mutex::new(()),
             sealed: Mutex::new(sealed),
             durable: AtomicU64::new(durable.0),
+            open_calls: AtomicUsize::new(0),
             sync_state: Mutex::new(SyncState {
                 syncing: false,
                 poisoned: None,
@@ -678,16 +683,21 @@ impl Wal {
             }
             st.syncing = true;
             drop(st);
-            // Let callers that were just woken publish before the sync
-            // snapshots what it covers: a few yields while appends keep
-            // arriving turn many single-id callers into one group commit.
+            // Let callers still appending publish before the sync snapshots
+            // what it covers: while another call is under way (between
+            // `open_call` and its own wait) or appends keep arriving, wait,
+            // up to GATHER_FOR. Two batch writers then share one sync per
+            // round instead of queueing a sync each behind the other's, and
+            // many single-id callers become one group commit.
             {
                 let guard = &crossbeam_epoch::pin();
+                let deadline = std::time::Instant::now() + GATHER_FOR;
                 let mut last = self.published(guard);
-                for _ in 0..GATHER_YIELDS {
+                loop {
                     std::thread::yield_now();
                     let now = self.published(guard);
-                    if now == last {
+                    let quiet = now == last && self.open_calls.load(Acquire) == 0;
+                    if quiet || std::time::Instant::now() >= deadline {
                         break;
                     }
                     last = now;
@@ -708,6 +718,14 @@ impl Wal {
                 Err(e) => return Err(self.poison_locked(&mut st, "syncing the log", &e)),
             }
         }
+    }
+
+    /// A call that will append records and then wait for them to be
+    /// durable starts: until the returned guard is dropped (just before
+    /// the wait), a sync leader gathers for it.
+    pub(crate) fn open_call(&self) -> OpenCall<'_> {
+        self.open_calls.fetch_add(1, AcqRel);
+        OpenCall(&self.open_calls)
     }
 
     /// Make everything published so far durable.
@@ -833,7 +851,16 @@ impl Wal {
 /// At most this many yields before a group commit while appends keep
 /// arriving (measured: 64 single-id callers went from 7 to 24 marks per
 /// sync, `docs/benchmarks.md`).
-const GATHER_YIELDS: usize = 16;
+/// A call under way (see [`Wal::open_call`]).
+pub(crate) struct OpenCall<'w>(&'w AtomicUsize);
+
+impl Drop for OpenCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AcqRel);
+    }
+}
+
+const GATHER_FOR: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Records a single id or a window appends with (a 512-byte buffer).
 const SMALL_CHUNK: usize = 16;
