@@ -380,6 +380,35 @@ impl Table {
         expired
     }
 
+    /// Hand each entry live at `now` to `keep`, from a table that
+    /// [`Table::freeze_and_drain`] froze (so nothing in it changes): plain
+    /// loads, no read-modify-writes. With the same `now` it yields exactly
+    /// the entries the freeze counted as live.
+    pub(crate) fn frozen_live(&self, now: Tick, mut keep: impl FnMut(Key, Tick)) {
+        for i in 0..self.slots {
+            let slot = self.slot(i);
+            let tag = slot.tag.load(Acquire);
+            if tag == EMPTY || tag == FROZEN {
+                continue;
+            }
+            let word = slot.word.load(Acquire);
+            debug_assert!(
+                word & MOVED != 0,
+                "a claimed slot of a frozen table is final"
+            );
+            let expiry = word_expiry(word);
+            if expiry > now {
+                keep(
+                    Key {
+                        tag,
+                        check: word_check(word),
+                    },
+                    expiry,
+                );
+            }
+        }
+    }
+
     /// Add an entry to a table nobody else can see yet (migration target):
     /// plain stores, no read-modify-writes. The caller publishes the table
     /// with a release store, which orders these writes before any reader.
