@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use clap::Args;
-use seen::{Durability, Engine};
+use seen::{Durability, Engine, ManualClock};
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
@@ -31,6 +33,43 @@ pub(crate) struct BenchArgs {
     /// dir, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Steady state instead of growth: keep about this many ids resident
+    /// under TTL churn, what a long-running consumer sees. A simulated
+    /// clock moves one second per tenth of them with a 10 s TTL, so new
+    /// ids replace expiring ones; after a warm-up of as many events,
+    /// `--events` are timed. Duplicates repeat one of the last 100k ids.
+    #[arg(long, value_name = "IDS")]
+    steady: Option<u64>,
+}
+
+/// The steady state's TTL, in simulated seconds.
+const STEADY_TTL_SECS: u64 = 10;
+
+/// Moves the steady state's simulated clock one second per `every` events.
+struct Churn {
+    clock: Arc<ManualClock>,
+    every: u64,
+    done: AtomicU64,
+    next: AtomicU64,
+}
+
+impl Churn {
+    fn events(&self, n: u64) {
+        let done = self.done.fetch_add(n, Relaxed) + n;
+        loop {
+            let next = self.next.load(Relaxed);
+            if done < next {
+                return;
+            }
+            if self
+                .next
+                .compare_exchange(next, next + self.every, Relaxed, Relaxed)
+                .is_ok()
+            {
+                self.clock.advance(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 fn mix64(mut x: u64) -> u64 {
@@ -47,6 +86,23 @@ fn event_id(thread: u64, k: u64, out: &mut [u8; 36]) {
     } else {
         k - k / 4
     };
+    uuid_like(thread, n, out);
+}
+
+/// The steady state's k-th id: every 4th repeats one of the thread's last
+/// 75k new ids (the last 100k events), all still live under churn.
+fn steady_id(thread: u64, k: u64, out: &mut [u8; 36]) {
+    let fresh = k - k / 4;
+    let n = if k % 4 == 3 && k > 100_000 {
+        fresh - 1 - mix64(k) % 75_000
+    } else {
+        fresh
+    };
+    uuid_like(thread, n, out);
+}
+
+/// Thread `thread`'s n-th distinct id, spelled like a UUID.
+fn uuid_like(thread: u64, n: u64, out: &mut [u8; 36]) {
     let bits = (mix64(n ^ (thread << 48)) as u128) << 64 | mix64(n.wrapping_add(thread)) as u128;
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut j = 0;
@@ -93,6 +149,70 @@ fn disk_baseline(dir: &std::path::Path, bytes: usize) -> std::io::Result<(f64, f
     Ok((percentile(&took, 0.5), mean))
 }
 
+/// The writers: `threads` threads, each deciding its ids `k` in `from..to`
+/// in calls of `batch`, timing each call.
+struct Stream<'a> {
+    engine: &'a Engine,
+    threads: u64,
+    batch: u64,
+    id: fn(u64, u64, &mut [u8; 36]),
+    churn: Option<&'a Churn>,
+}
+
+impl Stream<'_> {
+    fn run(&self, from: u64, to: u64, bar: &indicatif::ProgressBar) -> seen::Result<Vec<Vec<u64>>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..self.threads)
+                .map(|t| {
+                    let bar = bar.clone();
+                    s.spawn(move || self.thread(t, from, to, &bar))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("bench thread panicked"))
+                .collect()
+        })
+    }
+
+    fn thread(
+        &self,
+        t: u64,
+        from: u64,
+        to: u64,
+        bar: &indicatif::ProgressBar,
+    ) -> seen::Result<Vec<u64>> {
+        let batch = self.batch;
+        let mut lat = Vec::with_capacity(((to - from) / batch) as usize + 1);
+        let mut ids = vec![[0u8; 36]; batch as usize];
+        let mut out = Vec::with_capacity(batch as usize);
+        let mut k = from;
+        while k < to {
+            let n = batch.min(to - k);
+            for (j, id) in ids[..n as usize].iter_mut().enumerate() {
+                (self.id)(t, k + j as u64, id);
+            }
+            let call = Instant::now();
+            if n == 1 {
+                let _ = self.engine.check_and_insert(ids[0])?;
+            } else {
+                out.clear();
+                self.engine
+                    .check_and_insert_batch_into(&ids[..n as usize], &mut out)?;
+            }
+            lat.push(call.elapsed().as_nanos() as u64);
+            if let Some(churn) = self.churn {
+                churn.events(n);
+            }
+            k += n;
+            if (k - from) % 65536 < n {
+                bar.inc(65536);
+            }
+        }
+        Ok(lat)
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -113,64 +233,79 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         (Durability::Periodic(_), Some(every)) => Durability::Periodic(every),
         (d, _) => d,
     };
-    let per_thread = args.events / args.threads.max(1);
+    let threads = args.threads.max(1);
+    let per_thread = args.events / threads;
     let batch = args.batch.max(1);
-    let engine = Arc::new(
-        Engine::builder()
-            .durability(durability)
-            .capacity((args.events as usize) * 3 / 4)
-            .open(&dir)?,
-    );
-    let bar = super::progress_bar("events", "events", false);
-    bar.set_length(per_thread * args.threads);
-    let started = Instant::now();
-    let latencies: Vec<Vec<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..args.threads)
-            .map(|t| {
-                let engine = Arc::clone(&engine);
-                let bar = bar.clone();
-                s.spawn(move || {
-                    let mut lat = Vec::with_capacity((per_thread / batch) as usize + 1);
-                    let mut ids = vec![[0u8; 36]; batch as usize];
-                    let mut out = Vec::with_capacity(batch as usize);
-                    let mut k = 0;
-                    while k < per_thread {
-                        let n = batch.min(per_thread - k);
-                        for (j, id) in ids[..n as usize].iter_mut().enumerate() {
-                            event_id(t, k + j as u64, id);
-                        }
-                        let call = Instant::now();
-                        if n == 1 {
-                            let _ = engine.check_and_insert(ids[0])?;
-                        } else {
-                            out.clear();
-                            engine.check_and_insert_batch_into(&ids[..n as usize], &mut out)?;
-                        }
-                        lat.push(call.elapsed().as_nanos() as u64);
-                        k += n;
-                        if k % 65536 < n {
-                            bar.inc(65536);
-                        }
-                    }
-                    Ok::<_, seen::Error>(lat)
-                })
+    let mut builder = Engine::builder().durability(durability);
+    let churn = match args.steady {
+        None => {
+            builder = builder.capacity((args.events as usize) * 3 / 4);
+            None
+        }
+        Some(resident) => {
+            let clock = Arc::new(ManualClock::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ));
+            builder = builder
+                .capacity(resident as usize)
+                .ttl(Duration::from_secs(STEADY_TTL_SECS))
+                .clock(Arc::clone(&clock) as Arc<dyn seen::Clock>)
+                .background_sweep(false);
+            // A tenth of the resident ids arrive per simulated second: with
+            // a quarter of the events duplicates, that is 4/3 as many events.
+            let every = (resident * 4 / 3 / STEADY_TTL_SECS).max(1);
+            Some(Churn {
+                clock,
+                every,
+                done: AtomicU64::new(0),
+                next: AtomicU64::new(every),
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread panicked"))
-            .collect::<Result<Vec<_>, _>>()
-    })?;
+        }
+    };
+    let engine = Arc::new(builder.open(&dir)?);
+    let stream = Stream {
+        engine: &engine,
+        threads,
+        batch,
+        id: if churn.is_some() { steady_id } else { event_id },
+        churn: churn.as_ref(),
+    };
+    // The steady state's warm-up: as many events as ids to keep resident,
+    // untimed, so the timed part starts with the set full and churning.
+    let warm_up = args.steady.map_or(0, |r| r * 4 / 3 / threads);
+    if warm_up > 0 {
+        let bar = super::progress_bar("warm-up", "events", false);
+        bar.set_length(warm_up * threads);
+        stream.run(0, warm_up, &bar)?;
+        bar.finish_and_clear();
+    }
+    let before = engine.stats();
+    let bar = super::progress_bar("events", "events", false);
+    bar.set_length(per_thread * threads);
+    let started = Instant::now();
+    let latencies = stream.run(warm_up, warm_up + per_thread, &bar)?;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     let stats = engine.stats();
-    let total = per_thread * args.threads;
+    let total = per_thread * threads;
     let mut all: Vec<u64> = latencies.into_iter().flatten().collect();
     all.sort_unstable();
-    println!(
-        "write: {total} events ({} new, {} duplicate), {} threads, batch {batch}, durability {:?}",
-        stats.new, stats.duplicate, args.threads, args.durability
-    );
+    match args.steady {
+        None => println!(
+            "write: {total} events ({} new, {} duplicate), {threads} threads, batch {batch}, durability {:?}",
+            stats.new, stats.duplicate, args.durability
+        ),
+        Some(resident) => println!(
+            "steady: {total} events ({} new, {} duplicate) over ~{resident} resident ids under TTL churn ({STEADY_TTL_SECS} s TTL, the clock moving 1 s per {} events), {threads} threads, batch {batch}, durability {:?}",
+            stats.new - before.new,
+            stats.duplicate - before.duplicate,
+            churn.as_ref().map_or(0, |c| c.every),
+            args.durability
+        ),
+    }
     println!(
         "  {:.0} events/s acknowledged; ack latency per call p50 {:.1} us, p99 {:.1} us, max {:.1} us",
         total as f64 / elapsed.as_secs_f64(),
@@ -203,6 +338,22 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         stats.log_segments,
         stats.log_bytes as f64 / stats.live_keys.max(1) as f64
     );
+    if args.steady.is_some() {
+        // The reopen below would judge expiry by the real clock; in the
+        // steady state memory is the other half of the answer.
+        let resident = args.steady.unwrap_or(1).max(1);
+        println!(
+            "  memory: {:.1} bytes of table per resident id; the tables hold {} entries (live, or expired and not yet dropped); {} expired entries dropped by rebuilds",
+            stats.memory_bytes as f64 / resident as f64,
+            stats.live_keys,
+            stats.expired
+        );
+        drop(engine);
+        if scratch {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     drop(engine);
     let reopened = Instant::now();
     let engine = Engine::builder().open(&dir)?;

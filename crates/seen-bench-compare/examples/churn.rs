@@ -1,0 +1,213 @@
+//! The steady state a long-running consumer sees, side by side (issue 11):
+//! about 10M ids resident, new ids replacing expiring ones, no growth
+//! from empty. One structure per process:
+//!
+//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events]
+//!
+//! Structures: `seen` (single `check_and_insert` calls), `seen-batch`
+//! (`check_and_insert_batch` of 1024), `dashmap-u64`, `scc-u64` (the
+//! id's ahash as the key, the way a performance-minded user hand-rolls a
+//! dedup set). 2 threads; a quarter of the events repeat one of the
+//! thread's last 75k new ids.
+//!
+//! Churn: seen expires by TTL (10 s, on a simulated clock that moves one
+//! second per tenth of the resident ids), as it would in production. The
+//! peers have no TTL, so each thread keeps a ring of the keys it inserted
+//! and removes the oldest once it holds its share of the resident ids: the
+//! same window, at the price of a remove per new id (and the ring's memory,
+//! not counted against them). A warm-up of as many events as resident ids
+//! fills each structure first; then `events` are timed.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{mix64, uuid};
+use seen::{Engine, ManualClock};
+
+const THREADS: u64 = 2;
+const TTL_SECS: u64 = 10;
+
+/// Thread `t`'s k-th id: every 4th repeats one of its last 75k new ids.
+fn id_number(t: u64, k: u64) -> u64 {
+    let fresh = k - k / 4;
+    let n = if k % 4 == 3 && k > 100_000 {
+        fresh - 1 - mix64(k) % 75_000
+    } else {
+        fresh
+    };
+    n << 8 | t
+}
+
+trait Churning: Sync {
+    /// Decide `ids` (thread `t`); returns how many were new.
+    fn decide(&self, t: usize, ids: &[[u8; 36]]) -> usize;
+}
+
+struct Seen {
+    engine: Engine,
+    clock: Arc<ManualClock>,
+    every: u64,
+    done: AtomicU64,
+    next: AtomicU64,
+    batch: bool,
+}
+
+impl Seen {
+    fn tick(&self, n: u64) {
+        let done = self.done.fetch_add(n, Relaxed) + n;
+        loop {
+            let next = self.next.load(Relaxed);
+            if done < next {
+                return;
+            }
+            if self
+                .next
+                .compare_exchange(next, next + self.every, Relaxed, Relaxed)
+                .is_ok()
+            {
+                self.clock.advance(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+impl Churning for Seen {
+    fn decide(&self, _t: usize, ids: &[[u8; 36]]) -> usize {
+        let new = if self.batch {
+            let v = self.engine.check_and_insert_batch(ids).unwrap();
+            v.iter().filter(|v| v.is_new()).count()
+        } else {
+            ids.iter()
+                .filter(|id| self.engine.check_and_insert(id).unwrap().is_new())
+                .count()
+        };
+        self.tick(ids.len() as u64);
+        new
+    }
+}
+
+/// A peer keyed by the id's ahash, with a per-thread ring as its window.
+struct Peer<S> {
+    set: S,
+    hasher: ahash::RandomState,
+    window: u64,
+    rings: Vec<std::sync::Mutex<VecDeque<u64>>>,
+    insert: fn(&S, u64) -> bool,
+    remove: fn(&S, u64),
+}
+
+impl<S: Sync> Churning for Peer<S> {
+    fn decide(&self, t: usize, ids: &[[u8; 36]]) -> usize {
+        // Only thread `t` touches its ring: the lock is never contended.
+        let mut ring = self.rings[t].lock().unwrap();
+        let mut new = 0;
+        for id in ids {
+            let h = self.hasher.hash_one(id);
+            if (self.insert)(&self.set, h) {
+                new += 1;
+                ring.push_back(h);
+                if ring.len() as u64 > self.window {
+                    if let Some(old) = ring.pop_front() {
+                        (self.remove)(&self.set, old);
+                    }
+                }
+            }
+        }
+        new
+    }
+}
+
+fn run(set: &dyn Churning, from: u64, to: u64, batch: usize) -> Duration {
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            s.spawn(move || {
+                let mut ids = vec![[0u8; 36]; batch];
+                let mut k = from;
+                while k < to {
+                    let n = (batch as u64).min(to - k) as usize;
+                    for (j, id) in ids[..n].iter_mut().enumerate() {
+                        uuid(id_number(t, k + j as u64), id);
+                    }
+                    set.decide(t as usize, &ids[..n]);
+                    k += n as u64;
+                }
+            });
+        }
+    });
+    started.elapsed()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let which = args.get(1).map_or("seen", String::as_str);
+    let resident: u64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000_000);
+    let events: u64 = args
+        .get(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000_000);
+    let window = resident / THREADS;
+    let rings = || (0..THREADS).map(|_| Default::default()).collect();
+    let set: Box<dyn Churning> = match which {
+        "seen" | "seen-batch" => {
+            let clock = Arc::new(ManualClock::new(1_700_000_000));
+            let engine = Engine::builder()
+                .capacity(resident as usize)
+                .ttl(Duration::from_secs(TTL_SECS))
+                .clock(Arc::clone(&clock) as Arc<dyn seen::Clock>)
+                .build()
+                .unwrap();
+            let every = resident * 4 / 3 / TTL_SECS;
+            Box::new(Seen {
+                engine,
+                clock,
+                every,
+                done: AtomicU64::new(0),
+                next: AtomicU64::new(every),
+                batch: which == "seen-batch",
+            })
+        }
+        "dashmap-u64" => Box::new(Peer {
+            set: dashmap::DashSet::<u64>::with_capacity(resident as usize),
+            hasher: ahash::RandomState::new(),
+            window,
+            rings: rings(),
+            insert: |s, h| s.insert(h),
+            remove: |s, h| {
+                s.remove(&h);
+            },
+        }),
+        "scc-u64" => Box::new(Peer {
+            set: scc::HashSet::<u64>::with_capacity(resident as usize),
+            hasher: ahash::RandomState::new(),
+            window,
+            rings: rings(),
+            insert: |s, h| s.insert(h).is_ok(),
+            remove: |s, h| {
+                s.remove(&h);
+            },
+        }),
+        other => {
+            eprintln!("unknown structure {other}");
+            std::process::exit(2);
+        }
+    };
+    let batch = if which == "seen-batch" { 1024 } else { 256 };
+    let warm_up = resident * 4 / 3 / THREADS;
+    run(&*set, 0, warm_up, batch);
+    let per_thread = events / THREADS;
+    let took = run(&*set, warm_up, warm_up + per_thread, batch);
+    println!(
+        "{which}: {:.2} M events/s under churn (~{resident} resident, {} events, {THREADS} threads)",
+        (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6,
+        per_thread * THREADS
+    );
+}
