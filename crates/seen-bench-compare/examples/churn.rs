@@ -2,7 +2,10 @@
 //! about 10M ids resident, new ids replacing expiring ones, no growth
 //! from empty. One structure per process:
 //!
-//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events]
+//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow]
+//!
+//! `grow` instead measures the set growing from empty: no warm-up, no
+//! expiry, no window; `events` timed from the first insert.
 //!
 //! Structures: `seen` (single `check_and_insert` calls), `seen-batch`
 //! (`check_and_insert_batch` of 1024), `dashmap-u64`, `scc-u64` (the
@@ -154,18 +157,26 @@ fn main() {
         .get(3)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000_000);
-    let window = resident / THREADS;
+    let grow = args.get(4).is_some_and(|m| m == "grow");
+    let window = if grow { u64::MAX } else { resident / THREADS };
     let rings = || (0..THREADS).map(|_| Default::default()).collect();
     let set: Box<dyn Churning> = match which {
         "seen" | "seen-batch" => {
             let clock = Arc::new(ManualClock::new(1_700_000_000));
-            let engine = Engine::builder()
-                .capacity(resident as usize)
+            let builder = Engine::builder()
                 .ttl(Duration::from_secs(TTL_SECS))
-                .clock(Arc::clone(&clock) as Arc<dyn seen::Clock>)
-                .build()
-                .unwrap();
-            let every = resident * 4 / 3 / TTL_SECS;
+                .clock(Arc::clone(&clock) as Arc<dyn seen::Clock>);
+            let engine = if grow {
+                builder.build().unwrap()
+            } else {
+                builder.capacity(resident as usize).build().unwrap()
+            };
+            // Growing, the clock never moves: nothing expires.
+            let every = if grow {
+                u64::MAX
+            } else {
+                resident * 4 / 3 / TTL_SECS
+            };
             Box::new(Seen {
                 engine,
                 clock,
@@ -176,7 +187,7 @@ fn main() {
             })
         }
         "dashmap-u64" => Box::new(Peer {
-            set: dashmap::DashSet::<u64>::with_capacity(resident as usize),
+            set: dashmap::DashSet::<u64>::with_capacity(if grow { 0 } else { resident as usize }),
             hasher: ahash::RandomState::new(),
             window,
             rings: rings(),
@@ -186,7 +197,7 @@ fn main() {
             },
         }),
         "scc-u64" => Box::new(Peer {
-            set: scc::HashSet::<u64>::with_capacity(resident as usize),
+            set: scc::HashSet::<u64>::with_capacity(if grow { 0 } else { resident as usize }),
             hasher: ahash::RandomState::new(),
             window,
             rings: rings(),
@@ -201,13 +212,20 @@ fn main() {
         }
     };
     let batch = if which == "seen-batch" { 1024 } else { 256 };
-    let warm_up = resident * 4 / 3 / THREADS;
+    let warm_up = if grow { 0 } else { resident * 4 / 3 / THREADS };
     run(&*set, 0, warm_up, batch);
     let per_thread = events / THREADS;
     let took = run(&*set, warm_up, warm_up + per_thread, batch);
-    println!(
-        "{which}: {:.2} M events/s under churn (~{resident} resident, {} events, {THREADS} threads)",
-        (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6,
-        per_thread * THREADS
-    );
+    let rate = (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6;
+    if grow {
+        println!(
+            "{which} grow {rate:.2} M events/s ({} events from empty, {THREADS} threads)",
+            per_thread * THREADS
+        );
+    } else {
+        println!(
+            "{which} steady {rate:.2} M events/s (~{resident} resident under churn, {} events, {THREADS} threads)",
+            per_thread * THREADS
+        );
+    }
 }
