@@ -79,7 +79,9 @@ fn loom_insert_during_freeze_is_either_drained_or_told_to_retry() {
         let t2 = t.clone();
         let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
         let mut drained = Vec::new();
-        t.freeze_and_drain(NOW, |key, _| drained.push(key));
+        let (live, _) = t.freeze(NOW);
+        t.frozen_live(NOW, |key, _| drained.push(key));
+        assert_eq!(live, drained.len(), "the count and the copy agree");
         let outcome = h.join().unwrap();
         match outcome {
             Insert::Claimed => assert_eq!(drained, vec![k], "a claimed key must be migrated"),

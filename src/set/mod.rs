@@ -414,8 +414,7 @@ impl ShardedSet {
         // vector of every live entry, which cost a copy and, once freed,
         // stayed in the allocator's heap (0.5 bytes per key of resident
         // memory at 10M keys).
-        let mut live = 0usize;
-        let expired = old.freeze_and_drain(now, |_, _| live += 1);
+        let (mut live, expired) = old.freeze(now);
         self.reclaimed.expired.fetch_add(expired as u64, Relaxed);
 
         let old_slots = old.slots() as f64;

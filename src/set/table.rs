@@ -347,11 +347,12 @@ impl Table {
         Forget::Absent
     }
 
-    /// Freeze every slot so no writer can change this table again, and hand
-    /// each entry that is live at `now` to `keep`. Returns how many entries
-    /// were dead by time (not counting forgotten ones).
-    pub(crate) fn freeze_and_drain(&self, now: Tick, mut keep: impl FnMut(Key, Tick)) -> usize {
-        let mut expired = 0;
+    /// Freeze every slot so no writer can change this table again. Returns
+    /// how many entries are live at `now`, and how many were dead by time
+    /// (not counting forgotten ones). [`Table::frozen_live`] then hands
+    /// out the live ones.
+    pub(crate) fn freeze(&self, now: Tick) -> (usize, usize) {
+        let (mut live, mut expired) = (0, 0);
         for i in 0..self.slots {
             let slot = self.slot(i);
             let tag = match slot.tag.compare_exchange(EMPTY, FROZEN, AcqRel, Acquire) {
@@ -363,27 +364,20 @@ impl Table {
             }
             // Claimed: wait for its word, then mark it final.
             Self::published_word(slot);
-            let word = slot.word.fetch_or(MOVED, AcqRel);
-            let expiry = word_expiry(word);
+            let expiry = word_expiry(slot.word.fetch_or(MOVED, AcqRel));
             if expiry > now {
-                keep(
-                    Key {
-                        tag,
-                        check: word_check(word),
-                    },
-                    expiry,
-                );
+                live += 1;
             } else if expiry != Tick::DEAD {
                 expired += 1;
             }
         }
-        expired
+        (live, expired)
     }
 
     /// Hand each entry live at `now` to `keep`, from a table that
-    /// [`Table::freeze_and_drain`] froze (so nothing in it changes): plain
-    /// loads, no read-modify-writes. With the same `now` it yields exactly
-    /// the entries the freeze counted as live.
+    /// [`Table::freeze`] froze (so nothing in it changes): plain loads, no
+    /// read-modify-writes. With the same `now` it yields exactly the
+    /// entries the freeze counted as live.
     pub(crate) fn frozen_live(&self, now: Tick, mut keep: impl FnMut(Key, Tick)) {
         for i in 0..self.slots {
             let slot = self.slot(i);
@@ -398,13 +392,8 @@ impl Table {
             );
             let expiry = word_expiry(word);
             if expiry > now {
-                keep(
-                    Key {
-                        tag,
-                        check: word_check(word),
-                    },
-                    expiry,
-                );
+                let check = word_check(word);
+                keep(Key { tag, check }, expiry);
             }
         }
     }
@@ -690,9 +679,10 @@ mod tests {
             t.insert_many(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
         }
         t.forget(key(9), Tick(5));
+        let (live, expired) = t.freeze(Tick(10));
         let mut kept = Vec::new();
-        let expired = t.freeze_and_drain(Tick(10), |k, e| kept.push((k, e)));
-        assert_eq!(kept.len(), 5);
+        t.frozen_live(Tick(10), |k, e| kept.push((k, e)));
+        assert_eq!((live, kept.len()), (5, 5));
         assert_eq!(expired, 4);
         assert_eq!(t.insert_many(key(1000), Tick(10), Tick(50)), Insert::Frozen);
         // An expired key cannot be revived in a frozen table either.
