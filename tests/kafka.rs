@@ -467,11 +467,15 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
     let guard = engine(dir.path());
     let seen: Seen = Arc::default();
     let total = msgs.len() as u64;
+    // Slow enough that the first consumer cannot finish all 400 messages
+    // (2 partitions: ~8 s) before the second has joined (the mock's group
+    // join takes ~3 s after the first 40): at 20 ms the margin was ~0.6 s,
+    // and a loaded machine sometimes saw no rebalance at all.
     let slow = |seen: Seen| {
         move |msg: Arc<rdkafka::message::OwnedMessage>| {
             let seen = Arc::clone(&seen);
             async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
                 let p = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
                 *seen.lock().unwrap().entry(p).or_default() += 1;
                 Ok::<_, std::io::Error>(())
@@ -803,11 +807,15 @@ async fn partition_stores_move_with_their_partition() {
         engine: seen::Config::from_vars([("SEEN_DURABILITY", "none")]).unwrap(),
     };
     let seen: Seen = Arc::default();
+    // Slow enough that the first consumer cannot finish all 400 messages
+    // (2 partitions: ~8 s) before the second has joined (the mock's group
+    // join takes ~3 s after the first 40): at 20 ms the margin was ~0.6 s,
+    // and a loaded machine sometimes saw no rebalance at all.
     let slow = |seen: Seen| {
         move |msg: Arc<rdkafka::message::OwnedMessage>| {
             let seen = Arc::clone(&seen);
             async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
                 let p = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
                 *seen.lock().unwrap().entry(p).or_default() += 1;
                 Ok::<_, std::io::Error>(())

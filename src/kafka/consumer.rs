@@ -510,10 +510,10 @@ impl DedupConsumer {
                                 dirty |= self.finish(&lane.partition, msg.offset(), generation, h);
                                 None
                             }
-                            Ok(begin) => {
+                            Ok(Begin::Start(claim)) => {
                                 // One copy, shared with every attempt of the handler.
                                 let owned = Arc::new(msg.detach());
-                                Some((key, owned, generation, begin))
+                                Some((key, owned, generation, claim))
                             }
                             Err(e) => break Err(e),
                         }
@@ -528,7 +528,7 @@ impl DedupConsumer {
                         Ok(h) => dirty |= self.finish(&lane.partition, f.offset, f.generation, h),
                         Err(e) => break Err(e),
                     }
-                    match self.next_waiting(f.key, lane, &mut in_flight) {
+                    match self.next_waiting(f.key, lane, &mut in_flight, &mut dirty) {
                         Ok(next) => next,
                         Err(e) => break Err(e),
                     }
@@ -537,14 +537,9 @@ impl DedupConsumer {
             // Run the lane's messages, each polled once right away: a
             // handler that does not wait finishes here, without a trip
             // through `running`. The first that waits parks its lane.
-            while let Some((key, msg, generation, begin)) = next.take() {
+            while let Some((key, msg, generation, claim)) = next.take() {
                 let Some(lane) = lanes.get_mut(&key) else {
                     break;
-                };
-                let claim = match begin {
-                    Begin::Claimed(claim) => Some(claim),
-                    Begin::Slow => None,
-                    Begin::Finished(_) => unreachable!("decided messages are not started"),
                 };
                 let offset = msg.offset();
                 let mut work = Box::pin(async move {
@@ -567,7 +562,7 @@ impl DedupConsumer {
                             Ok(h) => dirty |= self.finish(&lane.partition, offset, generation, h),
                             Err(e) => break 'consume Err(e),
                         }
-                        match self.next_waiting(key, lane, &mut in_flight) {
+                        match self.next_waiting(key, lane, &mut in_flight, &mut dirty) {
                             Ok(n) => next = n,
                             Err(e) => break 'consume Err(e),
                         }
@@ -611,6 +606,7 @@ impl DedupConsumer {
         key: PartitionKey,
         lane: &mut Lane,
         in_flight: &mut usize,
+        dirty: &mut bool,
     ) -> Result<Option<Ready>, ConsumeError> {
         while let Some((msg, generation)) = lane.waiting.pop_front() {
             *in_flight -= 1;
@@ -619,11 +615,11 @@ impl DedupConsumer {
             }
             match self.begin(&*msg, &lane.partition, None)? {
                 Begin::Finished(h) => {
-                    self.finish(&lane.partition, msg.offset(), generation, h);
+                    *dirty |= self.finish(&lane.partition, msg.offset(), generation, h);
                 }
-                begin => {
+                Begin::Start(claim) => {
                     lane.busy = true;
-                    return Ok(Some((key, msg, generation, begin)));
+                    return Ok(Some((key, msg, generation, claim)));
                 }
             }
         }
@@ -730,22 +726,22 @@ impl DedupConsumer {
             Some((g, fp)) if Arc::ptr_eq(&g, &guard) => fp,
             _ => {
                 let Ok(id) = self.config.ids.id_of(msg) else {
-                    return Ok(Begin::Slow);
+                    return Ok(Begin::Start(None));
                 };
                 let Ok(fp) = guard.engine().fingerprint(&id) else {
-                    return Ok(Begin::Slow);
+                    return Ok(Begin::Start(None));
                 };
                 fp
             }
         };
         Ok(match guard.claim(fp)? {
-            Claimed::New(claim) => Begin::Claimed(claim),
+            Claimed::New(claim) => Begin::Start(Some(claim)),
             Claimed::Processed => {
                 self.stats.duplicates.fetch_add(1, Relaxed);
                 partition.count(Event::Duplicate);
                 Begin::Finished(Handled::Done)
             }
-            Claimed::Busy => Begin::Slow,
+            Claimed::Busy => Begin::Start(None),
         })
     }
 
@@ -952,14 +948,20 @@ enum Handled {
 enum Begin {
     /// Nothing to run.
     Finished(Handled),
-    /// A new id, claimed: run the handler.
-    Claimed(ClaimHandle<Arc<IdempotencyGuard>>),
-    /// Needs the full path: an unreadable id, or one in flight elsewhere.
-    Slow,
+    /// Run the handler: under the id's claim when `begin` took it (a new
+    /// id), else through the full path (an unreadable id, or one in flight
+    /// elsewhere).
+    Start(Option<ClaimHandle<Arc<IdempotencyGuard>>>),
 }
 
-/// A message ready to start on its idle lane.
-type Ready = (PartitionKey, Arc<OwnedMessage>, u64, Begin);
+/// A message ready to start on its idle lane, with its partition's
+/// generation at receipt and its claim if taken.
+type Ready = (
+    PartitionKey,
+    Arc<OwnedMessage>,
+    u64,
+    Option<ClaimHandle<Arc<IdempotencyGuard>>>,
+);
 
 /// One partition's place in the loop.
 struct Lane {
