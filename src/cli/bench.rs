@@ -37,8 +37,8 @@ pub(crate) struct BenchArgs {
     /// under TTL churn, what a long-running consumer sees. A simulated
     /// clock moves one second per tenth of them with a 10 s TTL, so new
     /// ids replace expiring ones; after a warm-up that marks that many new
-    /// ids,
-    /// `--events` are timed. Duplicates repeat one of the last 100k ids.
+    /// ids, `--events` are timed. Duplicates repeat one of the last 100k
+    /// ids.
     #[arg(long, value_name = "IDS")]
     steady: Option<u64>,
 }
