@@ -211,10 +211,11 @@ impl IdempotencyGuard {
     /// decides duplicates before it prepares the work (the Kafka loop skips
     /// a duplicate without copying its message).
     #[cfg(feature = "kafka")]
-    pub(crate) fn claim(self: &Arc<Self>, fp: Fingerprint) -> Result<Claimed> {
+    /// It takes the caller's `Arc`, which a new claim keeps.
+    pub(crate) fn claim(self: Arc<Self>, fp: Fingerprint) -> Result<Claimed> {
         match self.try_claim(fp)? {
             Claim::Ours(mark) => Ok(Claimed::New(ClaimHandle {
-                guard: Arc::clone(self),
+                guard: self,
                 fp,
                 mark: Some(mark),
             })),

@@ -760,8 +760,8 @@ impl DedupConsumer {
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let (guard, fp) = match &claim {
-            Some(c) => (Arc::clone(c.guard()), c.fingerprint()),
+        let mut next = match claim {
+            Some(claim) => Attempt::Claimed(claim),
             None => {
                 let Some(guard) = self.stores.guard(msg.topic(), msg.partition()) else {
                     return match self.stores.failure() {
@@ -781,27 +781,30 @@ impl DedupConsumer {
                     },
                     Err(why) => return self.invalid(msg, why).await.map(|()| Handled::Done),
                 };
-                (guard, fp)
+                Attempt::Unclaimed(guard, fp)
             }
         };
-        let mut claim = claim;
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = match claim.take() {
-                // The first attempt under the claim `begin` took.
-                Some(mut claim) => match handler(Arc::clone(msg)).await {
+            let outcome = match next {
+                // The first attempt under the claim `begin` took. Counted
+                // by `finish`, which holds the partition's state.
+                Attempt::Claimed(mut claim) => match handler(Arc::clone(msg)).await {
                     Ok(()) => {
                         claim.commit()?;
-                        Outcome::Success(())
+                        return Ok(Handled::Ran);
                     }
                     Err(e) => {
+                        // Retries go through the guard (the guard is only
+                        // cloned here, off the path of a handler that succeeds).
+                        next = Attempt::Unclaimed(Arc::clone(claim.guard()), claim.fingerprint());
                         claim.fail();
                         Outcome::Failed(e)
                     }
                 },
-                None => {
+                Attempt::Unclaimed(ref guard, fp) => {
                     guard
                         .process_fingerprint_if_new(fp, handler(Arc::clone(msg)))
                         .await?
@@ -981,6 +984,14 @@ impl Lane {
             busy: false,
         }
     }
+}
+
+/// How the next attempt of a handler runs.
+enum Attempt {
+    /// Under the claim `begin` took (the first attempt of a new id).
+    Claimed(ClaimHandle<Arc<IdempotencyGuard>>),
+    /// Through the guard, which claims (or waits for a claim in flight).
+    Unclaimed(Arc<IdempotencyGuard>, crate::Fingerprint),
 }
 
 /// A handler's run, finished.
