@@ -95,7 +95,7 @@ struct EngineCollector(Arc<Engine>);
 impl Collector for EngineCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.stats();
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 7] = [
             ("seen_new", "Checks answered new", s.new),
             ("seen_duplicate", "Checks answered duplicate", s.duplicate),
             (
@@ -117,6 +117,11 @@ impl Collector for EngineCollector {
                 "seen_rejected",
                 "Ids refused at the memory ceiling",
                 s.rejected,
+            ),
+            (
+                "seen_table_rebuilds",
+                "Shard tables rebuilt (grown, shrunk, swept or evicted from)",
+                s.table_rebuilds,
             ),
         ];
         for (name, help, value) in counters {

@@ -19,6 +19,7 @@ enum Op {
     Advance(u8),
     ExpireNow,
     Batch(Vec<u16>),
+    ContainsBatch(Vec<u16>),
 }
 
 fn op(pool: u16) -> impl Strategy<Value = Op> {
@@ -30,6 +31,7 @@ fn op(pool: u16) -> impl Strategy<Value = Op> {
         2 => (0u8..6).prop_map(Op::Advance),
         1 => Just(Op::ExpireNow),
         1 => prop::collection::vec(0..pool, 0..40).prop_map(Op::Batch),
+        1 => prop::collection::vec(0..pool, 0..40).prop_map(Op::ContainsBatch),
     ]
 }
 
@@ -98,6 +100,11 @@ proptest! {
                 Op::Batch(ids) => {
                     let got = engine.check_and_insert_batch(&ids.iter().map(|&i| id(i)).collect::<Vec<_>>()).unwrap();
                     let want: Vec<Verdict> = ids.iter().map(|&i| model.insert(i, TTL)).collect();
+                    prop_assert_eq!(got, want);
+                }
+                Op::ContainsBatch(ids) => {
+                    let got = engine.contains_batch(&ids.iter().map(|&i| id(i)).collect::<Vec<_>>()).unwrap();
+                    let want: Vec<bool> = ids.iter().map(|&i| model.live(i)).collect();
                     prop_assert_eq!(got, want);
                 }
             }
@@ -175,11 +182,15 @@ fn invalid_ids_are_rejected_and_counted_never_marked() {
         engine.check_and_insert_batch(&["ok", ""]),
         Err(Error::EmptyId)
     ));
+    assert!(matches!(
+        engine.contains_batch(&["ok", ""]),
+        Err(Error::EmptyId)
+    ));
     // The valid id of the rejected batch was not marked.
     assert_eq!(engine.check_and_insert("ok").unwrap(), Verdict::New);
     assert!(engine.process_or_skip(""), "unverifiable ids fail open");
     let s = engine.stats();
-    assert_eq!(s.invalid, 4);
+    assert_eq!(s.invalid, 5);
     assert_eq!(s.new, 1);
     assert_eq!(s.live_keys, 1);
 }

@@ -288,7 +288,7 @@ impl EngineBuilder {
             let sweeper = Arc::clone(&inner);
             let every = inner.sweep_interval;
             background.push(Background::start("seen-sweeper", every, move || {
-                sweeper.sweep(every);
+                sweeper.sweep(every, false);
             })?);
         }
         if let Some(every) = flush_every {

@@ -63,6 +63,9 @@ pub struct Stats {
     pub expired: u64,
     /// Live entries evicted at the memory ceiling.
     pub evicted: u64,
+    /// Shard tables rebuilt (to grow, shrink, drop expired entries or
+    /// evict): each copies its shard's live entries.
+    pub table_rebuilds: u64,
     /// Entries removed by [`Engine::forget`].
     pub forgotten: u64,
     /// Log segment files (durable engines).
@@ -133,9 +136,12 @@ impl Inner {
         Tick::from_unix_secs(self.clock.now_unix_secs())
     }
 
-    fn sweep(&self, min_interval: Duration) -> u64 {
+    /// Reclaim expired entries: what is worth it at most once per
+    /// `min_interval` per shard (the background sweep), or with `force`
+    /// everything now.
+    fn sweep(&self, min_interval: Duration, force: bool) -> u64 {
         let now = self.now();
-        let swept = self.set.sweep(now, min_interval.as_secs() as u32);
+        let swept = self.set.sweep(now, min_interval.as_secs() as u32, force);
         if let Some(d) = &self.durable {
             d.wal.purge_expired(now.to_unix_secs());
         }
@@ -429,7 +435,7 @@ impl Engine {
 
     fn insert_batch_in<const N: usize>(
         &self,
-        mut fps: impl Iterator<Item = Fingerprint>,
+        fps: impl Iterator<Item = Fingerprint>,
         len: usize,
         out: &mut Vec<Verdict>,
     ) -> Result<()> {
@@ -437,7 +443,6 @@ impl Engine {
         let guard = &epoch::pin();
         let now = self.inner.now();
         let expiry = self.expiry(now, self.inner.ttl);
-        let mut window = [Fingerprint(0); BATCH_WINDOW];
         let mut tally = Tally::new(self);
         // New marks are logged a chunk at a time, not a window at a time:
         // one reservation and one write per chunk (a system call each under
@@ -455,27 +460,10 @@ impl Engine {
             }
             _ => Ok(()),
         };
-        // A rolling window: the table line of the id BATCH_WINDOW ahead is
-        // requested (and that id hashed) while this one is inserted, so
-        // every miss has a window's worth of inserts to land. (Prefetching
-        // a window and then inserting it stalled on its first lines.)
-        let mut queued = 0;
-        for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
-            *slot = fp;
-            self.inner.set.prefetch(fp, guard);
-            queued += 1;
-        }
-        let mut oldest = 0;
-        while queued > 0 {
-            let fp = window[oldest];
-            match fps.next() {
-                Some(ahead) => {
-                    self.inner.set.prefetch(ahead, guard);
-                    window[oldest] = ahead;
-                }
-                None => queued -= 1,
-            }
-            oldest = (oldest + 1) % BATCH_WINDOW;
+        // The table line of the id BATCH_WINDOW ahead is requested (and
+        // that id hashed) while this one is inserted, so every miss has a
+        // window's worth of inserts to land.
+        for fp in self.inner.set.prefetched::<BATCH_WINDOW, _>(fps, guard) {
             if n_fresh == fresh.len() {
                 log(&fresh[..n_fresh])?;
                 n_fresh = 0;
@@ -596,6 +584,44 @@ impl Engine {
         Ok(self.contains_fingerprint(fp))
     }
 
+    /// [`Engine::contains`] for many ids; answers come back in order. All
+    /// ids are validated first.
+    pub fn contains_batch<I: AsRef<[u8]>>(&self, ids: &[I]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(ids.len());
+        self.contains_batch_into(ids, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Engine::contains_batch`] appending to a caller's buffer. Like the
+    /// insert batch path it hashes each id and requests its table line 16
+    /// ids ahead, so the lookups' cache misses overlap: one epoch pin and
+    /// one clock read for the whole batch.
+    pub fn contains_batch_into<I: AsRef<[u8]>>(
+        &self,
+        ids: &[I],
+        out: &mut Vec<bool>,
+    ) -> Result<()> {
+        for id in ids {
+            self.validate(id.as_ref())?;
+        }
+        out.reserve(ids.len());
+        if !self.remembers() {
+            out.extend(ids.iter().map(|_| false));
+            return Ok(());
+        }
+        let guard = &epoch::pin();
+        let now = self.inner.now();
+        let set = &self.inner.set;
+        let fps = ids
+            .iter()
+            .map(|id| self.inner.fingerprinter.fingerprint(id.as_ref()));
+        out.extend(
+            set.prefetched::<BATCH_WINDOW, _>(fps, guard)
+                .map(|fp| set.contains(fp, now, guard)),
+        );
+        Ok(())
+    }
+
     /// Start loading the memory a check of `fp` will touch first, so that
     /// a check issued a little later (after other work) does not wait for
     /// it: the Kafka loop prefetches the next message's id while it
@@ -647,7 +673,7 @@ impl Engine {
     /// Reclaim every expired entry now. Returns how many were reclaimed.
     /// (Expired entries are already answered as absent; this frees memory.)
     pub fn expire_now(&self) -> usize {
-        self.inner.sweep(Duration::ZERO) as usize
+        self.inner.sweep(Duration::ZERO, true) as usize
     }
 
     /// Compatibility shape: `true` when the event should be processed —
@@ -694,6 +720,7 @@ impl Engine {
             invalid: t.invalid,
             rejected: t.rejected,
             expired: self.inner.set.reclaimed.expired.load(Relaxed),
+            table_rebuilds: self.inner.set.reclaimed.rebuilds.load(Relaxed),
             evicted: self.inner.set.reclaimed.evicted.load(Relaxed),
             forgotten: t.forgotten,
             log_segments: 0,

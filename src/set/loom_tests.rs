@@ -79,7 +79,7 @@ fn loom_insert_during_freeze_is_either_drained_or_told_to_retry() {
         let t2 = t.clone();
         let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
         let mut drained = Vec::new();
-        let (live, _) = t.freeze(NOW);
+        let live = t.freeze(NOW).live;
         t.frozen_live(NOW, |key, _| drained.push(key));
         assert_eq!(live, drained.len(), "the count and the copy agree");
         let outcome = h.join().unwrap();

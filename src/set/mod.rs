@@ -24,7 +24,7 @@ use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-use table::{Forget, Insert, Key, Table, Writers};
+use table::{Forget, Frozen, Insert, Key, Table, Writers};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -111,7 +111,9 @@ struct Shard {
     next_expiry: AtomicU32,
     /// When this shard was last swept.
     last_sweep: AtomicU32,
-    migration: Mutex<()>,
+    /// Held by whoever replaces the table; guards what the last
+    /// replacement copied.
+    migration: Mutex<Copied>,
     /// The sizes this shard takes when the set sizes it: its rungs of the
     /// growth ladder (see [`phase`]), `MIN_SLOTS × phase × growth^k`.
     ladder_base: f64,
@@ -132,11 +134,61 @@ impl Shard {
     }
 }
 
+/// The entries the last migration of a shard copied, counted by expiry:
+/// enough for a sweep to tell, without scanning the table, how much of
+/// it has expired since.
+#[derive(Default)]
+struct Copied {
+    /// Bucket `i` counts expiries in `[first + i·width, first + (i+1)·width)`.
+    first: u32,
+    width: u32,
+    counts: [u32; EXPIRY_BUCKETS],
+}
+
+/// Resolution of [`Copied`]: a sweep's estimate of what expired is low by
+/// at most one bucket, an eighth of the copied entries' lifetimes.
+const EXPIRY_BUCKETS: usize = 8;
+
+impl Copied {
+    /// Count the live entries a migration at `now` is about to copy.
+    fn start(now: Tick, latest: Tick) -> Copied {
+        let first = now.0 + 1;
+        let span = latest.0.saturating_sub(now.0);
+        Copied {
+            first,
+            width: span.div_ceil(EXPIRY_BUCKETS as u32).max(1),
+            counts: [0; EXPIRY_BUCKETS],
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, expiry: Tick) {
+        let i = (expiry.0.saturating_sub(self.first) / self.width) as usize;
+        self.counts[i.min(EXPIRY_BUCKETS - 1)] += 1;
+    }
+
+    /// Copied entries certainly expired at `now` (whole buckets only), and
+    /// whether that is all of them.
+    fn expired(&self, now: Tick) -> (usize, bool) {
+        let mut due = 0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            let end = self.first as u64 + (i as u64 + 1) * self.width as u64;
+            if end > now.0 as u64 + 1 {
+                return (due, self.counts[i..].iter().all(|&n| n == 0));
+            }
+            due += n as usize;
+        }
+        (due, true)
+    }
+}
+
 /// Counters only migrations touch (so plain shared atomics are fine).
 #[derive(Default)]
 pub(crate) struct Reclaimed {
     pub expired: AtomicU64,
     pub evicted: AtomicU64,
+    /// Tables replaced (grown, swept, shrunk or evicted from).
+    pub rebuilds: AtomicU64,
 }
 
 pub(crate) struct ShardedSet {
@@ -179,7 +231,7 @@ impl ShardedSet {
                     table: Atomic::new(Table::new(slots, MAX_LOAD, at_limit)),
                     next_expiry: AtomicU32::new(Tick::MAX.0),
                     last_sweep: AtomicU32::new(0),
-                    migration: Mutex::new(()),
+                    migration: Mutex::new(Copied::default()),
                     ladder_base,
                 })
             })
@@ -221,6 +273,33 @@ impl ShardedSet {
     pub(crate) fn prefetch(&self, fp: Fingerprint, guard: &Guard) {
         let (_, table) = Self::current(self.shard(fp), guard);
         crate::prefetch::prefetch_read(table.home_line_ptr(Key::new(fp)));
+    }
+
+    /// `fps` in order, each one's first table line requested `W` ids
+    /// before it is yielded: a caller that probes each id as it comes has
+    /// a window's worth of probes to hide every miss behind. (Prefetching
+    /// a whole window and then probing it stalled on its first lines.)
+    #[inline]
+    pub(crate) fn prefetched<'a, const W: usize, I: Iterator<Item = Fingerprint>>(
+        &'a self,
+        mut fps: I,
+        guard: &'a Guard,
+    ) -> Prefetched<'a, W, I> {
+        let mut window = [Fingerprint(0); W];
+        let mut queued = 0;
+        for (slot, fp) in window.iter_mut().zip(fps.by_ref()) {
+            *slot = fp;
+            self.prefetch(fp, guard);
+            queued += 1;
+        }
+        Prefetched {
+            set: self,
+            guard,
+            fps,
+            window,
+            oldest: 0,
+            queued,
+        }
     }
 
     /// Insert-if-absent, linearizable.
@@ -336,9 +415,20 @@ impl ShardedSet {
         }
     }
 
-    /// Rebuild every shard whose earliest expiry has passed (and that was not
-    /// swept in the last `min_interval` ticks). Returns entries dropped.
-    pub(crate) fn sweep(&self, now: Tick, min_interval: u32) -> u64 {
+    /// Rebuild the shards worth rebuilding for their expired entries, at
+    /// most once per `min_interval` ticks each. Returns entries dropped.
+    ///
+    /// A shard is worth it when a quarter of its claimed slots are
+    /// reclaimable (forgotten, or expired by the count its last rebuild
+    /// kept of what it copied), or when everything that rebuild copied
+    /// has expired (which also covers a shard that filled from empty).
+    /// So each rebuild frees at least a fraction of what it copies, and a
+    /// key is copied a bounded number of times in its life however long
+    /// the TTL. (Rebuilding every shard with anything expired on each
+    /// interval copied a key TTL / interval times: 60 times with the
+    /// default 1 h TTL, 1 440 with a day's.) `force` rebuilds every shard
+    /// with anything expired, for [`crate::Engine::expire_now`].
+    pub(crate) fn sweep(&self, now: Tick, min_interval: u32, force: bool) -> u64 {
         let before = self.reclaimed.expired.load(Relaxed);
         for shard in self.shards.iter() {
             if shard.next_expiry.load(Relaxed) > now.0 {
@@ -349,7 +439,14 @@ impl ShardedSet {
                 continue;
             }
             let guard = &epoch::pin();
-            let (ptr, _) = Self::current(shard, guard);
+            let (ptr, table) = Self::current(shard, guard);
+            if !force {
+                let (expired, all) = shard.migration.lock().expired(now);
+                let reclaimable = expired + table.forgotten.load(Relaxed);
+                if !all && reclaimable * 4 < table.occupied.load(Relaxed) {
+                    continue;
+                }
+            }
             self.migrate(shard, ptr, now, guard);
         }
         self.reclaimed.expired.load(Relaxed) - before
@@ -404,7 +501,7 @@ impl ShardedSet {
         min_slots: usize,
         guard: &Guard,
     ) {
-        let _migrating = shard.migration.lock();
+        let mut copied = shard.migration.lock();
         let (ptr, old) = Self::current(shard, guard);
         if ptr != expected {
             return; // someone else already replaced it
@@ -414,8 +511,13 @@ impl ShardedSet {
         // vector of every live entry, which cost a copy and, once freed,
         // stayed in the allocator's heap (0.5 bytes per key of resident
         // memory at 10M keys).
-        let (mut live, expired) = old.freeze(now);
+        let Frozen {
+            mut live,
+            expired,
+            latest,
+        } = old.freeze(now);
         self.reclaimed.expired.fetch_add(expired as u64, Relaxed);
+        self.reclaimed.rebuilds.fetch_add(1, Relaxed);
 
         let old_slots = old.slots() as f64;
         let live_f = live as f64;
@@ -455,10 +557,12 @@ impl ShardedSet {
         // new table; have them written in one call (see Table::prefault).
         new.prefault();
         let mut earliest = Tick::MAX;
+        *copied = Copied::start(now, latest);
         let mut put = |key: Key, expiry: Tick| {
             let inserted = new.insert_unshared(key, expiry);
             debug_assert!(inserted, "migration target has room by construction");
             earliest = earliest.min(expiry);
+            copied.add(expiry);
         };
         match kept {
             Some(entries) => entries.into_iter().for_each(|(k, e)| put(k, e)),
@@ -495,6 +599,38 @@ impl ShardedSet {
 
 const SLOTS_PER_LINE_MIN: usize = table::SLOTS_PER_LINE;
 
+/// See [`ShardedSet::prefetched`]: a ring of the next `W` fingerprints,
+/// whose lines are already on their way.
+pub(crate) struct Prefetched<'a, const W: usize, I> {
+    set: &'a ShardedSet,
+    guard: &'a Guard,
+    fps: I,
+    window: [Fingerprint; W],
+    oldest: usize,
+    queued: usize,
+}
+
+impl<const W: usize, I: Iterator<Item = Fingerprint>> Iterator for Prefetched<'_, W, I> {
+    type Item = Fingerprint;
+
+    #[inline]
+    fn next(&mut self) -> Option<Fingerprint> {
+        if self.queued == 0 {
+            return None;
+        }
+        let fp = self.window[self.oldest];
+        match self.fps.next() {
+            Some(ahead) => {
+                self.set.prefetch(ahead, self.guard);
+                self.window[self.oldest] = ahead;
+            }
+            None => self.queued -= 1,
+        }
+        self.oldest = (self.oldest + 1) % W;
+        Some(fp)
+    }
+}
+
 impl Drop for ShardedSet {
     fn drop(&mut self) {
         for shard in self.shards.iter() {
@@ -508,5 +644,101 @@ impl Drop for ShardedSet {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, not(seen_loom)))]
+mod tests {
+    use super::*;
+
+    fn one_shard() -> ShardedSet {
+        ShardedSet::new(SetConfig {
+            shards: 1,
+            capacity_hint: 0,
+            memory_limit: None,
+            policy: MemoryPolicy::Reject,
+        })
+    }
+
+    fn fp(n: u64) -> Fingerprint {
+        Fingerprint((n as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) | 1 << 100)
+    }
+
+    fn rebuilds(set: &ShardedSet) -> u64 {
+        set.reclaimed.rebuilds.load(Relaxed)
+    }
+
+    #[test]
+    fn a_sweep_rebuilds_a_shard_once_a_quarter_of_it_is_reclaimable() {
+        let set = one_shard();
+        let guard = &epoch::pin();
+        // 1000 entries expiring one per tick, 101..=1100.
+        for i in 0..1000 {
+            let verdict = set.insert(fp(i), Tick(100), Tick(101 + i as u32), guard);
+            assert_eq!(verdict.unwrap(), Verdict::New);
+        }
+        // A forced sweep rebuilds whatever has expired at all (one entry),
+        // and counts what it copied by expiry.
+        assert_eq!(set.sweep(Tick(101), 0, true), 1);
+        let after_first = rebuilds(&set);
+        // 49 more expired (5 %): not worth copying 950 entries for.
+        assert_eq!(set.sweep(Tick(150), 0, false), 0);
+        assert_eq!(rebuilds(&set), after_first);
+        assert_eq!(set.len(), 999, "expired entries stay until a rebuild");
+        // 379 expired (38 %): worth it, and the rebuild drops them all.
+        assert_eq!(set.sweep(Tick(480), 0, false), 379);
+        assert_eq!(rebuilds(&set), after_first + 1);
+        assert_eq!(set.len(), 620);
+        for i in 0..1000 {
+            let live = 101 + i as u32 > 480;
+            assert_eq!(set.contains(fp(i), Tick(480), guard), live, "entry {i}");
+        }
+    }
+
+    #[test]
+    fn a_sweep_rebuilds_a_shard_whose_copied_entries_all_expired() {
+        // Never rebuilt (it filled from empty): nothing was counted, so
+        // everything counted has expired and the sweep goes ahead.
+        let set = one_shard();
+        let guard = &epoch::pin();
+        for i in 0..10 {
+            let verdict = set.insert(fp(i), Tick(100), Tick(105), guard);
+            assert_eq!(verdict.unwrap(), Verdict::New);
+        }
+        assert_eq!(set.sweep(Tick(106), 0, false), 10);
+        assert_eq!(set.len(), 0);
+    }
+
+    #[test]
+    fn steady_traffic_copies_a_key_a_few_times_whatever_the_ttl() {
+        // An hour's TTL, a sweep a minute (the defaults), 1000 new keys a
+        // minute for five hours: 60k resident once warm. Rebuilding every
+        // shard with anything expired on each sweep would rebuild every
+        // minute after the first hour (240 times).
+        let set = one_shard();
+        let guard = &epoch::pin();
+        let (ttl, interval) = (3600, 60);
+        let mut n = 0;
+        let mut growth_and_sweeps = 0;
+        for minute in 0..300u32 {
+            let now = Tick(1000 + minute * interval);
+            for _ in 0..1000 {
+                let verdict = set.insert(fp(n), now, Tick(now.0 + ttl), guard);
+                assert_eq!(verdict.unwrap(), Verdict::New);
+                n += 1;
+            }
+            let before = rebuilds(&set);
+            set.sweep(now, interval, false);
+            growth_and_sweeps += rebuilds(&set) - before;
+        }
+        // Sweeps after the first hour: one per ~20 minutes.
+        assert!(
+            (8..=20).contains(&growth_and_sweeps),
+            "{growth_and_sweeps} sweep rebuilds in 300 minutes"
+        );
+        // And expired entries never pile up: at most about a third more
+        // than the live ones.
+        let live = 60_000;
+        assert!(set.len() < live * 3 / 2, "{} resident", set.len());
     }
 }

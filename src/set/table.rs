@@ -104,6 +104,17 @@ pub(crate) enum Insert {
     Full,
 }
 
+/// What [`Table::freeze`] counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Frozen {
+    /// Entries live at the freeze's `now`.
+    pub live: usize,
+    /// Entries dead by time (forgotten ones not counted).
+    pub expired: usize,
+    /// The latest expiry among the live entries (`now` if none).
+    pub latest: Tick,
+}
+
 /// What [`Table::forget`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Forget {
@@ -347,12 +358,15 @@ impl Table {
         Forget::Absent
     }
 
-    /// Freeze every slot so no writer can change this table again. Returns
-    /// how many entries are live at `now`, and how many were dead by time
-    /// (not counting forgotten ones). [`Table::frozen_live`] then hands
-    /// out the live ones.
-    pub(crate) fn freeze(&self, now: Tick) -> (usize, usize) {
-        let (mut live, mut expired) = (0, 0);
+    /// Freeze every slot so no writer can change this table again, and
+    /// count what it holds at `now`. [`Table::frozen_live`] then hands
+    /// out the live entries.
+    pub(crate) fn freeze(&self, now: Tick) -> Frozen {
+        let mut frozen = Frozen {
+            live: 0,
+            expired: 0,
+            latest: now,
+        };
         for i in 0..self.slots {
             let slot = self.slot(i);
             let tag = match slot.tag.compare_exchange(EMPTY, FROZEN, AcqRel, Acquire) {
@@ -366,12 +380,13 @@ impl Table {
             Self::published_word(slot);
             let expiry = word_expiry(slot.word.fetch_or(MOVED, AcqRel));
             if expiry > now {
-                live += 1;
+                frozen.live += 1;
+                frozen.latest = frozen.latest.max(expiry);
             } else if expiry != Tick::DEAD {
-                expired += 1;
+                frozen.expired += 1;
             }
         }
-        (live, expired)
+        frozen
     }
 
     /// Hand each entry live at `now` to `keep`, from a table that
@@ -679,11 +694,12 @@ mod tests {
             t.insert_many(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
         }
         t.forget(key(9), Tick(5));
-        let (live, expired) = t.freeze(Tick(10));
+        let frozen = t.freeze(Tick(10));
         let mut kept = Vec::new();
         t.frozen_live(Tick(10), |k, e| kept.push((k, e)));
-        assert_eq!((live, kept.len()), (5, 5));
-        assert_eq!(expired, 4);
+        assert_eq!((frozen.live, kept.len()), (5, 5));
+        assert_eq!(frozen.expired, 4);
+        assert_eq!(frozen.latest, Tick(50));
         assert_eq!(t.insert_many(key(1000), Tick(10), Tick(50)), Insert::Frozen);
         // An expired key cannot be revived in a frozen table either.
         assert_eq!(t.insert_many(key(0), Tick(10), Tick(50)), Insert::Frozen);

@@ -9,13 +9,21 @@
 //! timer structure (a timer-wheel node per key would cost more memory than
 //! the key itself).
 //!
-//! *Physical* reclamation is the job of [`SweepSchedule`]: each shard
-//! remembers a lower bound on its earliest expiry; when that passes, the
-//! shard is rebuilt without its dead entries, at most once per
-//! `sweep_interval` (default TTL/16, clamped to 1 s ..= 60 s). A key is
-//! therefore copied at most TTL/interval ≈ 16 times in its life — O(1)
-//! amortised work per key, like a timing wheel with 16 slots per TTL — and
-//! stays resident at most one interval past its expiry.
+//! *Physical* reclamation is the job of the sweep, on the
+//! [`SweepSchedule`]: at most once per `sweep_interval` (default TTL/16,
+//! clamped to 1 s ..= 60 s) it looks at each shard whose earliest expiry
+//! has passed, and rebuilds it without its dead entries when that is
+//! worth it: when a quarter of its slots are reclaimable, or when every
+//! entry its last rebuild copied has expired. Each rebuild remembers how
+//! many entries it copied per eighth of their remaining lifetimes, so the
+//! sweep knows what has expired since without scanning the table. A
+//! rebuild thus always frees a good part of what it copies, and a key is
+//! copied a few times in its life (about three under steady traffic)
+//! whatever the TTL — O(1) amortised work per key, like a timing wheel.
+//! (Rebuilding every shard with anything expired at each interval, as
+//! before, copied a key TTL / interval times: 60 with the default 1 h TTL.)
+//! An expired entry stays resident until its shard's rebuild, and
+//! [`crate::Engine::expire_now`] rebuilds every shard at once.
 
 pub mod clock;
 

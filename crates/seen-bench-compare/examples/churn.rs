@@ -2,10 +2,14 @@
 //! about 10M ids resident, new ids replacing expiring ones, no growth
 //! from empty. One structure per process:
 //!
-//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow]
+//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow|lookup]
 //!
 //! `grow` instead measures the set growing from empty: no warm-up, no
-//! expiry, no window; `events` timed from the first insert.
+//! expiry, no window; `events` timed from the first insert. `lookup`
+//! warms up as `steady` does, then times `events` lookups, half of ids
+//! resident (inserted recently, still live) and half of ids never seen:
+//! `contains` (`contains_batch` of 1024 for `seen-batch`) against the
+//! peers' `contains` of the id's ahash.
 //!
 //! Structures: `seen` (single `check_and_insert` calls), `seen-batch`
 //! (`check_and_insert_batch` of 1024), `dashmap-u64`, `scc-u64` (the
@@ -49,6 +53,8 @@ fn id_number(t: u64, k: u64) -> u64 {
 trait Churning: Sync {
     /// Decide `ids` (thread `t`); returns how many were new.
     fn decide(&self, t: usize, ids: &[[u8; 36]]) -> usize;
+    /// Look `ids` up without marking them; returns how many are present.
+    fn lookup(&self, ids: &[[u8; 36]]) -> usize;
 }
 
 struct Seen {
@@ -92,6 +98,17 @@ impl Churning for Seen {
         self.tick(ids.len() as u64);
         new
     }
+
+    fn lookup(&self, ids: &[[u8; 36]]) -> usize {
+        if self.batch {
+            let found = self.engine.contains_batch(ids).unwrap();
+            found.iter().filter(|&&f| f).count()
+        } else {
+            ids.iter()
+                .filter(|id| self.engine.contains(id).unwrap())
+                .count()
+        }
+    }
 }
 
 /// A peer keyed by the id's ahash, with a per-thread ring as its window.
@@ -102,6 +119,7 @@ struct Peer<S> {
     rings: Vec<std::sync::Mutex<VecDeque<u64>>>,
     insert: fn(&S, u64) -> bool,
     remove: fn(&S, u64),
+    contains: fn(&S, u64) -> bool,
 }
 
 impl<S: Sync> Churning for Peer<S> {
@@ -122,6 +140,12 @@ impl<S: Sync> Churning for Peer<S> {
             }
         }
         new
+    }
+
+    fn lookup(&self, ids: &[[u8; 36]]) -> usize {
+        ids.iter()
+            .filter(|id| (self.contains)(&self.set, self.hasher.hash_one(id)))
+            .count()
     }
 }
 
@@ -146,6 +170,36 @@ fn run(set: &dyn Churning, from: u64, to: u64, batch: usize) -> Duration {
     started.elapsed()
 }
 
+/// Time `per_thread` lookups on each thread of the ids `number(t, k)`;
+/// returns the wall time and how many were found.
+fn look_up(
+    set: &dyn Churning,
+    per_thread: u64,
+    batch: usize,
+    number: impl Fn(u64, u64) -> u64 + Sync,
+) -> (Duration, usize) {
+    let found = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (found, number) = (&found, &number);
+            s.spawn(move || {
+                let mut ids = vec![[0u8; 36]; batch];
+                let mut k = 0;
+                while k < per_thread {
+                    let n = (batch as u64).min(per_thread - k) as usize;
+                    for (j, id) in ids[..n].iter_mut().enumerate() {
+                        uuid(number(t, k + j as u64), id);
+                    }
+                    found.fetch_add(set.lookup(&ids[..n]) as u64, Relaxed);
+                    k += n as u64;
+                }
+            });
+        }
+    });
+    (started.elapsed(), found.load(Relaxed) as usize)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map_or("seen", String::as_str);
@@ -158,6 +212,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000_000);
     let grow = args.get(4).is_some_and(|m| m == "grow");
+    let lookup = args.get(4).is_some_and(|m| m == "lookup");
     let window = if grow { u64::MAX } else { resident / THREADS };
     let rings = || (0..THREADS).map(|_| Default::default()).collect();
     let set: Box<dyn Churning> = match which {
@@ -195,6 +250,7 @@ fn main() {
             remove: |s, h| {
                 s.remove(&h);
             },
+            contains: |s, h| s.contains(&h),
         }),
         "scc-u64" => Box::new(Peer {
             set: scc::HashSet::<u64>::with_capacity(if grow { 0 } else { resident as usize }),
@@ -205,6 +261,7 @@ fn main() {
             remove: |s, h| {
                 s.remove(&h);
             },
+            contains: |s, h| s.contains(&h),
         }),
         other => {
             eprintln!("unknown structure {other}");
@@ -215,6 +272,31 @@ fn main() {
     let warm_up = if grow { 0 } else { resident * 4 / 3 / THREADS };
     run(&*set, 0, warm_up, batch);
     let per_thread = events / THREADS;
+    if lookup {
+        // Hits among each thread's last resident/4 new ids (live under the
+        // TTL and inside the peers' windows), misses from ids never used.
+        let fresh = warm_up - warm_up / 4;
+        let recent = (resident / 4).min(fresh).max(1);
+        let (took, found) = look_up(&*set, per_thread, batch, |t, k| {
+            if k % 2 == 0 {
+                (fresh - 1 - common::mix64(k) % recent) << 8 | t
+            } else {
+                (1 << 55 | k) << 8 | t
+            }
+        });
+        let rate = (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6;
+        let hit = found as f64 / (per_thread * THREADS) as f64;
+        assert!(
+            (0.45..0.55).contains(&hit),
+            "hit rate {hit}, expected about half"
+        );
+        println!(
+            "{which} lookup {rate:.2} M lookups/s ({} lookups, {:.1} % found, ~{resident} resident, {THREADS} threads)",
+            per_thread * THREADS,
+            hit * 100.0
+        );
+        return;
+    }
     let took = run(&*set, warm_up, warm_up + per_thread, batch);
     let rate = (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6;
     if grow {
