@@ -27,10 +27,11 @@
 //!   and retries on the new table. Readers keep reading: frozen contents are
 //!   still correct.
 //!
-//! In memory a key is compared on 64 + 32 bits plus the shard-index bits
-//! (8 with the default 256 shards): 104 bits. With 10^9 live keys a new id is
-//! mistaken for a duplicate with probability below 10^-22 per event; the full
-//! 128 bits are kept in the log. This is what buys 16-byte slots.
+//! In memory a key is compared on 64 + 32 bits plus the shard-index bits:
+//! 102 bits with the default 64 shards, 104 with 256. With 10^9 live keys a
+//! new id is mistaken for a duplicate with probability about 2·10^-22 per
+//! event (5·10^-23 at 256 shards); the full 128 bits are kept in the log.
+//! This is what buys 16-byte slots.
 
 use crossbeam_utils::CachePadded;
 
