@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::engine::{self, PendingMark};
-use crate::set::{ClaimSpot, Settle};
+use crate::set::Settle;
 use crate::{Engine, Error, Fingerprint, Result};
 
 /// What to do when a second call for an id arrives while the first is
@@ -152,7 +152,7 @@ impl std::fmt::Debug for IdempotencyGuard {
 }
 
 enum Claim {
-    Ours(PendingMark, Option<ClaimSpot>),
+    Ours(PendingMark),
     Done,
     Busy(watch::Receiver<ClaimState>),
 }
@@ -196,7 +196,7 @@ impl IdempotencyGuard {
     fn try_claim(&self, fp: Fingerprint) -> Result<Claim> {
         loop {
             match self.engine.claim(fp)? {
-                engine::Claim::New(mark, spot) => return Ok(Claim::Ours(mark, spot)),
+                engine::Claim::New(mark) => return Ok(Claim::Ours(mark)),
                 engine::Claim::Processed => return Ok(Claim::Done),
                 engine::Claim::InFlight => {
                     if let Some(verdict) = self.listen(fp) {
@@ -239,11 +239,10 @@ impl IdempotencyGuard {
     /// It takes the caller's `Arc`, which a new claim keeps.
     pub(crate) fn claim(self: Arc<Self>, fp: Fingerprint) -> Result<Claimed> {
         match self.try_claim(fp)? {
-            Claim::Ours(mark, spot) => Ok(Claimed::New(ClaimHandle {
+            Claim::Ours(mark) => Ok(Claimed::New(ClaimHandle {
                 guard: self,
                 fp,
                 mark: Some(mark),
-                spot,
             })),
             Claim::Done => {
                 self.engine.wait_durable_if_sync()?;
@@ -282,9 +281,9 @@ impl IdempotencyGuard {
     where
         F: Future<Output = Result<T, E>>,
     {
-        let (mark, spot) = loop {
+        let mark = loop {
             match self.try_claim(fp)? {
-                Claim::Ours(mark, spot) => break (mark, spot),
+                Claim::Ours(mark) => break mark,
                 Claim::Done => {
                     self.engine.wait_durable_if_sync()?;
                     return Ok(Outcome::AlreadyProcessed);
@@ -311,7 +310,6 @@ impl IdempotencyGuard {
             guard: self,
             fp,
             mark: Some(mark),
-            spot,
         };
         match work.await {
             Ok(value) => {
@@ -367,8 +365,6 @@ pub(crate) struct ClaimHandle<G: std::ops::Deref<Target = IdempotencyGuard>> {
     guard: G,
     fp: Fingerprint,
     mark: Option<PendingMark>,
-    /// Where the claim is in the engine's set, to settle it there.
-    spot: Option<ClaimSpot>,
 }
 
 /// What [`IdempotencyGuard::claim`] found, without waiting for anything.
@@ -418,7 +414,7 @@ impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
         let Some(mark) = self.mark.take() else {
             return Ok(());
         };
-        match self.guard.engine.commit_claim(mark, self.spot) {
+        match self.guard.engine.commit_claim(mark) {
             Ok(settled) => {
                 self.announce(settled, ClaimState::Succeeded);
                 Ok(())
@@ -433,7 +429,7 @@ impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
 
     pub(crate) fn release(&mut self) {
         if let Some(mark) = self.mark.take() {
-            let settled = self.guard.engine.release_claim(mark, self.spot);
+            let settled = self.guard.engine.release_claim(mark);
             self.guard.counters.released.fetch_add(1, Relaxed);
             self.announce(settled, ClaimState::Released);
         }

@@ -12,7 +12,7 @@ use crossbeam_epoch as epoch;
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, Fingerprinter};
 #[cfg(feature = "guard")]
-use crate::set::{ClaimSpot, Inserted, Settle};
+use crate::set::{Inserted, Settle};
 use crate::set::{ShardedSet, Verdict};
 use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::Clock;
@@ -175,9 +175,8 @@ pub enum Deferred {
 /// What [`Engine::claim`] found.
 #[cfg(feature = "guard")]
 pub(crate) enum Claim {
-    /// New: the caller runs the work, then commits or releases the claim
-    /// (found faster at its spot).
-    New(PendingMark, Option<ClaimSpot>),
+    /// New: the caller runs the work, then commits or releases the claim.
+    New(PendingMark),
     /// Marked before.
     Processed,
     /// Claimed by someone whose work is still running.
@@ -529,20 +528,18 @@ impl Engine {
         let Some(expiry) = self.expiry(now, self.inner.ttl) else {
             // Nothing is remembered (a zero TTL): every claim is new.
             tally.new += 1;
-            let mark = PendingMark {
+            return Ok(Claim::New(PendingMark {
                 fingerprint: fp,
                 expiry: FORGOTTEN_AT_ONCE,
-            };
-            return Ok(Claim::New(mark, None));
+            }));
         };
         match self.inner.set.claim(fp, now, &epoch::pin()) {
-            Ok(Inserted::New(spot)) => {
+            Ok(Inserted::New) => {
                 tally.new += 1;
-                let mark = PendingMark {
+                Ok(Claim::New(PendingMark {
                     fingerprint: fp,
                     expiry,
-                };
-                Ok(Claim::New(mark, Some(spot)))
+                }))
             }
             Ok(Inserted::Duplicate) => {
                 tally.duplicate += 1;
@@ -561,38 +558,26 @@ impl Engine {
     /// asked to hear how it ended (or, when the claim is no longer in
     /// flight, that they may have).
     #[cfg(feature = "guard")]
-    pub(crate) fn commit_claim(
-        &self,
-        mark: PendingMark,
-        spot: Option<ClaimSpot>,
-    ) -> Result<Settle> {
+    pub(crate) fn commit_claim(&self, mark: PendingMark) -> Result<Settle> {
         if !mark.is_remembered() {
             return Ok(Settle::Settled { waited: false });
         }
         let guard = &epoch::pin();
         if let Some(d) = &self.inner.durable {
-            // No clock read: `now` only decides, if the log refuses the
-            // mark, whether the claim is still live to be taken back, and
-            // a claim in flight is live at any instant.
-            let pos = d.append(&self.inner.set, &[mark], Tick::MIN_LIVE, guard)?;
-            d.settle(pos)?;
+            d.settle(d.append(&self.inner.set, &[mark], self.inner.now(), guard)?)?;
         }
-        Ok(self
-            .inner
-            .set
-            .settle(mark.fingerprint, mark.expiry, spot, guard))
+        Ok(self.inner.set.settle(mark.fingerprint, mark.expiry, guard))
     }
 
     /// The claim's work failed: forget it, so a retry can claim it again.
     #[cfg(feature = "guard")]
-    pub(crate) fn release_claim(&self, mark: PendingMark, spot: Option<ClaimSpot>) -> Settle {
+    pub(crate) fn release_claim(&self, mark: PendingMark) -> Settle {
         if !mark.is_remembered() {
             return Settle::Settled { waited: false };
         }
-        let guard = &epoch::pin();
         self.inner
             .set
-            .settle(mark.fingerprint, Tick::DEAD, spot, guard)
+            .settle(mark.fingerprint, Tick::DEAD, &epoch::pin())
     }
 
     /// Ask to be told how the in-flight claim of `fp` ends; false if it
@@ -600,7 +585,7 @@ impl Engine {
     #[cfg(feature = "guard")]
     pub(crate) fn wait_on_claim(&self, fp: Fingerprint) -> bool {
         let waited = crate::set::IN_FLIGHT_WAITED;
-        let settled = self.inner.set.settle(fp, waited, None, &epoch::pin());
+        let settled = self.inner.set.settle(fp, waited, &epoch::pin());
         matches!(settled, Settle::Settled { .. })
     }
 

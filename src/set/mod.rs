@@ -24,9 +24,9 @@ use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-use table::{Forget, Frozen, Insert, Key, Table, Writers};
 #[cfg(feature = "guard")]
 pub(crate) use table::{Settle, IN_FLIGHT_WAITED};
+use table::{Forget, Frozen, Insert, Key, Table, Writers};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -86,7 +86,7 @@ impl Verdict {
 /// apart from settled marks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Inserted {
-    New(ClaimSpot),
+    New,
     Duplicate,
     /// A claim whose work is still running ([`ShardedSet::claim`]).
     InFlight,
@@ -96,19 +96,10 @@ impl Inserted {
     #[inline]
     fn verdict(self) -> Verdict {
         match self {
-            Inserted::New(_) => Verdict::New,
+            Inserted::New => Verdict::New,
             Inserted::Duplicate | Inserted::InFlight => Verdict::Duplicate,
         }
     }
-}
-
-/// Where an insert left its key: the table (by address, which is only
-/// ever compared, never followed) and the slot. Settling a claim there
-/// skips a second probe while the table is still the shard's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ClaimSpot {
-    table: usize,
-    at: usize,
 }
 
 /// What to do when the memory ceiling is reached.
@@ -354,24 +345,14 @@ impl ShardedSet {
         self.insert_as(fp, now, table::IN_FLIGHT, guard, Writers::Many)
     }
 
-    /// Settle an in-flight claim of `fp` (see [`Table::settle`]), looking
-    /// first where the claim was made, if that is known.
+    /// Settle an in-flight claim of `fp` (see [`Table::settle`]).
     #[cfg(feature = "guard")]
-    pub(crate) fn settle(
-        &self,
-        fp: Fingerprint,
-        to: Tick,
-        spot: Option<ClaimSpot>,
-        guard: &Guard,
-    ) -> Settle {
+    pub(crate) fn settle(&self, fp: Fingerprint, to: Tick, guard: &Guard) -> Settle {
         let key = Key::new(fp);
         let shard = self.shard(fp);
         loop {
-            let (ptr, table) = Self::current(shard, guard);
-            let there = spot
-                .filter(|s| s.table == ptr.as_raw() as usize)
-                .and_then(|s| table.settle_at(key, to, s.at));
-            match there.unwrap_or_else(|| table.settle(key, to)) {
+            let (_, table) = Self::current(shard, guard);
+            match table.settle(key, to) {
                 Settle::Frozen => drop(shard.migration.lock()),
                 settled @ Settle::Settled { .. } => {
                     if to == Tick::DEAD {
@@ -416,12 +397,7 @@ impl ShardedSet {
         let shard = self.shard(fp);
         loop {
             let (ptr, table) = Self::current(shard, guard);
-            let (inserted, at) = table.insert_at(key, now, expiry, writers);
-            let spot = ClaimSpot {
-                table: ptr.as_raw() as usize,
-                at,
-            };
-            match inserted {
+            match table.insert(key, now, expiry, writers) {
                 Insert::Duplicate => return Ok(Inserted::Duplicate),
                 Insert::InFlight => return Ok(Inserted::InFlight),
                 Insert::Claimed => {
@@ -437,14 +413,14 @@ impl ShardedSet {
                     if occupied > table.max_occupied && !table.at_limit {
                         self.migrate(shard, ptr, now, guard);
                     }
-                    return Ok(Inserted::New(spot));
+                    return Ok(Inserted::New);
                 }
                 Insert::Revived { was_forgotten } => {
                     if was_forgotten {
                         table.forgotten.fetch_sub(1, Relaxed);
                     }
                     Self::note_expiry(shard, expiry);
-                    return Ok(Inserted::New(spot));
+                    return Ok(Inserted::New);
                 }
                 Insert::Frozen => drop(shard.migration.lock()),
                 Insert::Full => {

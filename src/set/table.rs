@@ -131,9 +131,7 @@ pub(crate) enum Insert {
 pub(crate) enum Settle {
     /// The claim was in flight and now holds the new expiry; `waited` if
     /// someone had asked to hear how it ends.
-    Settled {
-        waited: bool,
-    },
+    Settled { waited: bool },
     /// The key is not an in-flight claim (it was forgotten meanwhile).
     NotInFlight,
     Frozen,
@@ -260,74 +258,61 @@ impl Table {
         }
     }
 
-    /// Insert-if-absent. `expiry` must be > `now`. (The set uses
-    /// [`Table::insert_at`].)
-    #[cfg(test)]
+    /// Insert-if-absent. `expiry` must be > `now`.
+    #[inline]
     pub(crate) fn insert(&self, key: Key, now: Tick, expiry: Tick, writers: Writers) -> Insert {
-        self.insert_at(key, now, expiry, writers).0
-    }
-
-    /// [`Table::insert`], also saying at which slot it ended: where a
-    /// claim it made or revived is, for [`Table::settle_at`].
-    #[inline(always)]
-    pub(crate) fn insert_at(
-        &self,
-        key: Key,
-        now: Tick,
-        expiry: Tick,
-        writers: Writers,
-    ) -> (Insert, usize) {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
             let mut tag = slot.tag.load(Acquire);
             if tag == EMPTY {
                 if self.at_limit && self.occupied.load(Relaxed) >= self.max_occupied {
-                    return (Insert::Full, i);
+                    return Insert::Full;
                 }
                 if writers == Writers::One {
                     slot.tag.store(key.tag, Relaxed);
                     slot.word.store(pack(key.check, expiry), Relaxed);
-                    return (Insert::Claimed, i);
+                    return Insert::Claimed;
                 }
                 match slot.tag.compare_exchange(EMPTY, key.tag, AcqRel, Acquire) {
                     Ok(_) => {
                         slot.word.store(pack(key.check, expiry), Release);
-                        return (Insert::Claimed, i);
+                        return Insert::Claimed;
                     }
                     Err(actual) => tag = actual,
                 }
             }
             if tag == FROZEN {
-                return (Insert::Frozen, i);
+                return Insert::Frozen;
             }
             if tag == key.tag {
                 let mut word = Self::published_word(slot);
                 while word_check(word) == key.check {
                     let old = word_expiry(word);
                     if old > now {
-                        let found = if in_flight(old) {
+                        return if in_flight(old) {
                             Insert::InFlight
                         } else {
                             Insert::Duplicate
                         };
-                        return (found, i);
                     }
                     if word & MOVED != 0 {
-                        return (Insert::Frozen, i);
+                        return Insert::Frozen;
                     }
                     if writers == Writers::One {
                         slot.word.store(pack(key.check, expiry), Relaxed);
-                        let was_forgotten = old == Tick::DEAD;
-                        return (Insert::Revived { was_forgotten }, i);
+                        return Insert::Revived {
+                            was_forgotten: old == Tick::DEAD,
+                        };
                     }
                     match slot
                         .word
                         .compare_exchange(word, pack(key.check, expiry), AcqRel, Acquire)
                     {
                         Ok(_) => {
-                            let was_forgotten = old == Tick::DEAD;
-                            return (Insert::Revived { was_forgotten }, i);
+                            return Insert::Revived {
+                                was_forgotten: old == Tick::DEAD,
+                            }
                         }
                         Err(actual) => word = actual,
                     }
@@ -335,7 +320,7 @@ impl Table {
             }
             i = self.next(i);
         }
-        (Insert::Full, i)
+        Insert::Full
     }
 
     #[cfg(test)]
@@ -426,55 +411,33 @@ impl Table {
                 return Settle::Frozen;
             }
             if tag == key.tag {
-                if let Some(settled) = Self::settle_in(slot, key, to) {
-                    return settled;
+                let mut word = Self::published_word(slot);
+                while word_check(word) == key.check {
+                    let expiry = word_expiry(word);
+                    if !in_flight(expiry) {
+                        return Settle::NotInFlight;
+                    }
+                    if word & MOVED != 0 {
+                        return Settle::Frozen;
+                    }
+                    let waited = expiry == IN_FLIGHT_WAITED;
+                    if waited && to == IN_FLIGHT_WAITED {
+                        return Settle::Settled { waited };
+                    }
+                    match slot.word.compare_exchange(
+                        word,
+                        pack(key.check, to),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return Settle::Settled { waited },
+                        Err(actual) => word = actual,
+                    }
                 }
             }
             i = self.next(i);
         }
         Settle::NotInFlight
-    }
-
-    /// [`Table::settle`] at slot `at`, where [`Table::insert_at`] said the
-    /// claim is; `None` if `key` is not there (the caller then probes).
-    #[cfg_attr(not(feature = "guard"), allow(dead_code))]
-    pub(crate) fn settle_at(&self, key: Key, to: Tick, at: usize) -> Option<Settle> {
-        if at >= self.slots {
-            return None;
-        }
-        let slot = self.slot(at);
-        if slot.tag.load(Acquire) != key.tag {
-            return None;
-        }
-        Self::settle_in(slot, key, to)
-    }
-
-    /// Settle `key` in `slot` (whose tag matches), or `None` if the slot
-    /// holds another key with that tag.
-    #[inline]
-    fn settle_in(slot: &Slot, key: Key, to: Tick) -> Option<Settle> {
-        let mut word = Self::published_word(slot);
-        while word_check(word) == key.check {
-            let expiry = word_expiry(word);
-            if !in_flight(expiry) {
-                return Some(Settle::NotInFlight);
-            }
-            if word & MOVED != 0 {
-                return Some(Settle::Frozen);
-            }
-            let waited = expiry == IN_FLIGHT_WAITED;
-            if waited && to == IN_FLIGHT_WAITED {
-                return Some(Settle::Settled { waited });
-            }
-            match slot
-                .word
-                .compare_exchange(word, pack(key.check, to), AcqRel, Acquire)
-            {
-                Ok(_) => return Some(Settle::Settled { waited }),
-                Err(actual) => word = actual,
-            }
-        }
-        None
     }
 
     /// Freeze every slot so no writer can change this table again, and
