@@ -22,7 +22,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::engine::{Deferred, PendingMark};
+use crate::engine::{self, PendingMark};
+use crate::set::Settle;
 use crate::{Engine, Error, Fingerprint, Result};
 
 /// What to do when a second call for an id arrives while the first is
@@ -58,11 +59,15 @@ enum ClaimState {
     Released,
 }
 
-/// Claims in flight, sharded by fingerprint so no lock is global. The
-/// value is the channel waiters listen on, made only when someone waits:
-/// an uncontended claim allocates nothing.
-const INFLIGHT_SHARDS: usize = 64;
-type InFlight = Mutex<HashMap<u128, Option<watch::Sender<ClaimState>>, FingerprintHash>>;
+/// Whether an id is in flight is in the engine's set: a claim is stored
+/// with an "in flight" expiry until its work ends (see `set/table.rs`), so
+/// an uncontended call takes no lock of the guard's own and allocates
+/// nothing. Only a call that meets a claim in flight comes here: it
+/// leaves a channel to hear the verdict on, and flags the claim "waited"
+/// so its claimant knows to look. Sharded by fingerprint so no lock is
+/// global.
+const WAITER_SHARDS: usize = 64;
+type Waiters = Mutex<HashMap<u128, watch::Sender<ClaimState>, FingerprintHash>>;
 
 /// Fingerprints are already uniformly random: hash by taking 64 of their bits.
 #[derive(Default, Clone, Copy)]
@@ -113,7 +118,7 @@ impl std::hash::Hasher for FingerprintHasher {
 pub struct IdempotencyGuard {
     engine: Arc<Engine>,
     policy: InFlightPolicy,
-    inflight: Box<[InFlight]>,
+    waiters: Box<[Waiters]>,
     counters: GuardCounters,
 }
 
@@ -163,8 +168,8 @@ impl IdempotencyGuard {
         IdempotencyGuard {
             engine,
             policy,
-            inflight: (0..INFLIGHT_SHARDS)
-                .map(|_| Mutex::new(HashMap::with_capacity_and_hasher(16, FingerprintHash)))
+            waiters: (0..WAITER_SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(FingerprintHash)))
                 .collect(),
             counters: GuardCounters::default(),
         }
@@ -184,25 +189,45 @@ impl IdempotencyGuard {
         &self.engine
     }
 
-    fn shard(&self, fp: Fingerprint) -> &InFlight {
-        &self.inflight[(fp.hi() >> 58) as usize % INFLIGHT_SHARDS]
+    fn waiters(&self, fp: Fingerprint) -> &Waiters {
+        &self.waiters[(fp.hi() >> 58) as usize % WAITER_SHARDS]
     }
 
     fn try_claim(&self, fp: Fingerprint) -> Result<Claim> {
-        let mut map = self.shard(fp).lock();
-        if let Some(waiters) = map.get_mut(&fp.0) {
-            // In flight: listen for its verdict.
-            let tx = waiters.get_or_insert_with(|| watch::channel(ClaimState::Running).0);
-            return Ok(Claim::Busy(tx.subscribe()));
-        }
-        // Decided under the shard lock: no second caller can slip between
-        // "not in flight" and "claimed".
-        match self.engine.claim_fingerprint(fp)? {
-            Deferred::New(mark) => {
-                map.insert(fp.0, None);
-                Ok(Claim::Ours(mark))
+        loop {
+            match self.engine.claim(fp)? {
+                engine::Claim::New(mark) => return Ok(Claim::Ours(mark)),
+                engine::Claim::Processed => return Ok(Claim::Done),
+                engine::Claim::InFlight => {
+                    if let Some(verdict) = self.listen(fp) {
+                        return Ok(Claim::Busy(verdict));
+                    }
+                    // It ended before we could listen: claim again.
+                }
             }
-            Deferred::Duplicate => Ok(Claim::Done),
+        }
+    }
+
+    /// Listen for the verdict on the claim of `fp` in flight; `None` if it
+    /// has ended already. The channel goes in first and the claim is
+    /// flagged under the same lock its claimant takes to announce the
+    /// verdict ([`ClaimHandle::announce`]), so the claimant either sees
+    /// the flag and finds the channel, or ended before the flag was set
+    /// (and then the flag is refused).
+    fn listen(&self, fp: Fingerprint) -> Option<watch::Receiver<ClaimState>> {
+        let mut map = self.waiters(fp).lock();
+        let made = !map.contains_key(&fp.0);
+        let rx = map
+            .entry(fp.0)
+            .or_insert_with(|| watch::channel(ClaimState::Running).0)
+            .subscribe();
+        if self.engine.wait_on_claim(fp) {
+            Some(rx)
+        } else {
+            if made {
+                map.remove(&fp.0);
+            }
+            None
         }
     }
 
@@ -372,11 +397,15 @@ impl ClaimHandle<Arc<IdempotencyGuard>> {
 }
 
 impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
-    /// Leave the in-flight table and tell any waiters (one atomic step, so
-    /// a newcomer sees either the claim or the engine's final answer).
-    fn finish(&mut self, state: ClaimState) {
-        let mut map = self.guard.shard(self.fp).lock();
-        if let Some(Some(tx)) = map.remove(&self.fp.0) {
+    /// Tell anyone listening how the claim ended. `settled` is what
+    /// settling the claim in the engine found: unless it was in flight and
+    /// nobody had flagged it, there may be listeners.
+    fn announce(&self, settled: Settle, state: ClaimState) {
+        if settled == (Settle::Settled { waited: false }) {
+            return;
+        }
+        let mut map = self.guard.waiters(self.fp).lock();
+        if let Some(tx) = map.remove(&self.fp.0) {
             tx.send_replace(state);
         }
     }
@@ -385,9 +414,9 @@ impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
         let Some(mark) = self.mark.take() else {
             return Ok(());
         };
-        match self.guard.engine.commit(&[mark]) {
-            Ok(()) => {
-                self.finish(ClaimState::Succeeded);
+        match self.guard.engine.commit_claim(mark) {
+            Ok(settled) => {
+                self.announce(settled, ClaimState::Succeeded);
                 Ok(())
             }
             Err(e) => {
@@ -400,9 +429,9 @@ impl<G: std::ops::Deref<Target = IdempotencyGuard>> ClaimHandle<G> {
 
     pub(crate) fn release(&mut self) {
         if let Some(mark) = self.mark.take() {
-            self.guard.engine.release(mark);
+            let settled = self.guard.engine.release_claim(mark);
             self.guard.counters.released.fetch_add(1, Relaxed);
-            self.finish(ClaimState::Released);
+            self.announce(settled, ClaimState::Released);
         }
     }
 }

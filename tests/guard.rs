@@ -227,3 +227,54 @@ fn compatibility_calls_and_metadata() {
     assert!(engine.contains("evt-1").unwrap() && engine.contains("evt-2").unwrap());
     assert_eq!(engine.recovery_report().unwrap().replayed, 2);
 }
+
+/// While a claim's work runs, plain checks see the id as marked (as they
+/// always did); when the work fails they see it new again, and once a
+/// retry succeeds it is marked for good, with a real expiry that a sweep
+/// keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_checks_see_a_claim_in_flight_as_marked() {
+    let engine = engine();
+    let guard = Arc::new(IdempotencyGuard::new(engine.clone()));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<bool>();
+    let g = guard.clone();
+    let work = tokio::spawn(async move {
+        g.process_if_new("order-9", async move {
+            started_tx.send(()).unwrap();
+            if finish_rx.await.unwrap() {
+                Ok(())
+            } else {
+                Err("declined")
+            }
+        })
+        .await
+        .unwrap()
+    });
+    started_rx.await.unwrap();
+    assert!(engine.contains("order-9").unwrap());
+    assert_eq!(
+        engine.check_and_insert("order-9").unwrap(),
+        seen::Verdict::Duplicate
+    );
+    finish_tx.send(false).unwrap();
+    assert_eq!(work.await.unwrap(), Outcome::Failed("declined"));
+    assert!(!engine.contains("order-9").unwrap(), "released");
+    let again = guard
+        .process_if_new("order-9", async { Ok::<_, ()>(7) })
+        .await
+        .unwrap();
+    assert_eq!(again, Outcome::Success(7));
+    engine.expire_now();
+    assert!(
+        engine.contains("order-9").unwrap(),
+        "a settled mark is live, not in flight"
+    );
+    assert_eq!(
+        guard
+            .process_if_new("order-9", async { Ok::<_, ()>(8) })
+            .await
+            .unwrap(),
+        Outcome::AlreadyProcessed
+    );
+}

@@ -11,6 +11,8 @@ use crossbeam_epoch as epoch;
 
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, Fingerprinter};
+#[cfg(feature = "guard")]
+use crate::set::{Inserted, Settle};
 use crate::set::{ShardedSet, Verdict};
 use crate::stats::{Counters, Histograms};
 use crate::ttl::clock::Clock;
@@ -168,6 +170,17 @@ pub enum Deferred {
     New(PendingMark),
     /// Already marked.
     Duplicate,
+}
+
+/// What [`Engine::claim`] found.
+#[cfg(feature = "guard")]
+pub(crate) enum Claim {
+    /// New: the caller runs the work, then commits or releases the claim.
+    New(PendingMark),
+    /// Marked before.
+    Processed,
+    /// Claimed by someone whose work is still running.
+    InFlight,
 }
 
 /// Answers "have I already processed this event?" for many threads at once.
@@ -505,9 +518,87 @@ impl Engine {
         self.mark_in_memory(fp, now, expiry, &epoch::pin(), &mut Tally::new(self))
     }
 
+    /// Claim `fp` for work about to run (the guard's first step): the
+    /// claim is live, and told apart from a settled mark, until
+    /// [`Engine::commit_claim`] or [`Engine::release_claim`].
+    #[cfg(feature = "guard")]
+    pub(crate) fn claim(&self, fp: Fingerprint) -> Result<Claim> {
+        let now = self.inner.now();
+        let mut tally = Tally::new(self);
+        let Some(expiry) = self.expiry(now, self.inner.ttl) else {
+            // Nothing is remembered (a zero TTL): every claim is new.
+            tally.new += 1;
+            return Ok(Claim::New(PendingMark {
+                fingerprint: fp,
+                expiry: FORGOTTEN_AT_ONCE,
+            }));
+        };
+        match self.inner.set.claim(fp, now, &epoch::pin()) {
+            Ok(Inserted::New) => {
+                tally.new += 1;
+                Ok(Claim::New(PendingMark {
+                    fingerprint: fp,
+                    expiry,
+                }))
+            }
+            Ok(Inserted::Duplicate) => {
+                tally.duplicate += 1;
+                Ok(Claim::Processed)
+            }
+            Ok(Inserted::InFlight) => Ok(Claim::InFlight),
+            Err(e) => {
+                tally.rejected += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// The claim's work succeeded: log its mark (waiting per the
+    /// durability), then give it its real expiry. Returns whether someone
+    /// asked to hear how it ended (or, when the claim is no longer in
+    /// flight, that they may have).
+    #[cfg(feature = "guard")]
+    pub(crate) fn commit_claim(&self, mark: PendingMark) -> Result<Settle> {
+        if !mark.is_remembered() {
+            return Ok(Settle::Settled { waited: false });
+        }
+        let guard = &epoch::pin();
+        if let Some(d) = &self.inner.durable {
+            // No clock read: `now` only decides, if the log refuses the
+            // mark, whether the claim is still live to be taken back, and
+            // a claim in flight is live at any instant.
+            let pos = d.append(&self.inner.set, &[mark], Tick::MIN_LIVE, guard)?;
+            d.settle(pos)?;
+        }
+        Ok(self.inner.set.settle(mark.fingerprint, mark.expiry, guard))
+    }
+
+    /// The claim's work failed: forget it, so a retry can claim it again.
+    #[cfg(feature = "guard")]
+    pub(crate) fn release_claim(&self, mark: PendingMark) -> Settle {
+        if !mark.is_remembered() {
+            return Settle::Settled { waited: false };
+        }
+        self.inner
+            .set
+            .settle(mark.fingerprint, Tick::DEAD, &epoch::pin())
+    }
+
+    /// Ask to be told how the in-flight claim of `fp` ends; false if it
+    /// already has.
+    #[cfg(feature = "guard")]
+    pub(crate) fn wait_on_claim(&self, fp: Fingerprint) -> bool {
+        let waited = crate::set::IN_FLIGHT_WAITED;
+        let settled = self.inner.set.settle(fp, waited, &epoch::pin());
+        matches!(settled, Settle::Settled { .. })
+    }
+
     /// Log pending marks, then wait per the engine's durability (one group
     /// commit for all of them under `Sync`). A no-op for in-memory engines.
     pub fn commit(&self, marks: &[PendingMark]) -> Result<()> {
+        if self.inner.durable.is_none() {
+            return Ok(()); // no pin, no clock read: the guard commits every new id
+        }
         self.persist(marks, self.inner.now(), &epoch::pin())
     }
 
@@ -660,9 +751,14 @@ impl Engine {
     pub fn forget(&self, id: impl AsRef<[u8]>) -> Result<bool> {
         let fp = self.fingerprint(id)?;
         let guard = &epoch::pin();
-        let Some(expiry) = self.inner.set.forget(fp, self.inner.now(), guard) else {
+        let now = self.inner.now();
+        let Some(mut expiry) = self.inner.set.forget(fp, now, guard) else {
             return Ok(false);
         };
+        if expiry > Tick::MAX {
+            // A guard's claim still in flight: the mark it would have had.
+            expiry = now.plus(self.inner.ttl);
+        }
         if let Some(d) = &self.inner.durable {
             d.settle(d.append_forget(fp, expiry, guard)?)?;
         }

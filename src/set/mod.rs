@@ -25,6 +25,8 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use table::{Forget, Frozen, Insert, Key, Table, Writers};
+#[cfg(feature = "guard")]
+pub(crate) use table::{Settle, IN_FLIGHT_WAITED};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -77,6 +79,26 @@ impl Verdict {
     /// `true` for [`Verdict::New`].
     pub fn is_new(self) -> bool {
         self == Verdict::New
+    }
+}
+
+/// What an insert found: a [`Verdict`], with claims still in flight told
+/// apart from settled marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Inserted {
+    New,
+    Duplicate,
+    /// A claim whose work is still running ([`ShardedSet::claim`]).
+    InFlight,
+}
+
+impl Inserted {
+    #[inline]
+    fn verdict(self) -> Verdict {
+        match self {
+            Inserted::New => Verdict::New,
+            Inserted::Duplicate | Inserted::InFlight => Verdict::Duplicate,
+        }
     }
 }
 
@@ -312,6 +334,37 @@ impl ShardedSet {
         guard: &Guard,
     ) -> Result<Verdict> {
         self.insert_as(fp, now, expiry, guard, Writers::Many)
+            .map(Inserted::verdict)
+    }
+
+    /// Insert-if-absent as a claim whose work has yet to run: the entry is
+    /// live (and [`Inserted::InFlight`] to a racing claim) until
+    /// [`ShardedSet::settle`] gives it its real expiry or forgets it.
+    #[cfg(feature = "guard")]
+    pub(crate) fn claim(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> Result<Inserted> {
+        self.insert_as(fp, now, table::IN_FLIGHT, guard, Writers::Many)
+    }
+
+    /// Settle an in-flight claim of `fp` (see [`Table::settle`]).
+    #[cfg(feature = "guard")]
+    pub(crate) fn settle(&self, fp: Fingerprint, to: Tick, guard: &Guard) -> Settle {
+        let key = Key::new(fp);
+        let shard = self.shard(fp);
+        loop {
+            let (_, table) = Self::current(shard, guard);
+            match table.settle(key, to) {
+                Settle::Frozen => drop(shard.migration.lock()),
+                settled @ Settle::Settled { .. } => {
+                    if to == Tick::DEAD {
+                        table.forgotten.fetch_add(1, Relaxed);
+                    } else if to != table::IN_FLIGHT_WAITED {
+                        Self::note_expiry(shard, to);
+                    }
+                    return settled;
+                }
+                Settle::NotInFlight => return Settle::NotInFlight,
+            }
+        }
     }
 
     /// Insert-if-absent without a locked instruction, for a replay lane.
@@ -328,6 +381,7 @@ impl ShardedSet {
         guard: &Guard,
     ) -> Result<Verdict> {
         self.insert_as(fp, now, expiry, guard, Writers::One)
+            .map(Inserted::verdict)
     }
 
     #[inline(always)]
@@ -338,13 +392,14 @@ impl ShardedSet {
         expiry: Tick,
         guard: &Guard,
         writers: Writers,
-    ) -> Result<Verdict> {
+    ) -> Result<Inserted> {
         let key = Key::new(fp);
         let shard = self.shard(fp);
         loop {
             let (ptr, table) = Self::current(shard, guard);
             match table.insert(key, now, expiry, writers) {
-                Insert::Duplicate => return Ok(Verdict::Duplicate),
+                Insert::Duplicate => return Ok(Inserted::Duplicate),
+                Insert::InFlight => return Ok(Inserted::InFlight),
                 Insert::Claimed => {
                     Self::note_expiry(shard, expiry);
                     let occupied = match writers {
@@ -358,14 +413,14 @@ impl ShardedSet {
                     if occupied > table.max_occupied && !table.at_limit {
                         self.migrate(shard, ptr, now, guard);
                     }
-                    return Ok(Verdict::New);
+                    return Ok(Inserted::New);
                 }
                 Insert::Revived { was_forgotten } => {
                     if was_forgotten {
                         table.forgotten.fetch_sub(1, Relaxed);
                     }
                     Self::note_expiry(shard, expiry);
-                    return Ok(Verdict::New);
+                    return Ok(Inserted::New);
                 }
                 Insert::Frozen => drop(shard.migration.lock()),
                 Insert::Full => {

@@ -22,6 +22,12 @@
 //!   its key until the table is replaced: probe sequences never break and
 //!   racing inserts of one id meet at the same slot. Exactly one CAS wins,
 //!   so exactly one caller is told "new".
+//! * **In flight** (the guard's claims): a claim whose work still runs is
+//!   stored live with one of two expiries above every real instant,
+//!   `IN_FLIGHT` or `IN_FLIGHT_WAITED` (someone waits for its verdict). A
+//!   racing insert of the key meets it as [`Insert::InFlight`]; the
+//!   claimant settles it with a CAS on `word` to its real expiry (work
+//!   done) or to forgotten (work failed), and learns whether anyone waits.
 //! * **Freeze** (migration): EMPTY slots become FROZEN, claimed slots get
 //!   MOVED; every later CAS by a writer then fails, the writer sees the mark
 //!   and retries on the new table. Readers keep reading: frozen contents are
@@ -45,6 +51,18 @@ const FROZEN: u64 = 1;
 const PENDING: u64 = 0;
 const MOVED: u64 = 1 << 31;
 const EXPIRY_MASK: u64 = MOVED - 1;
+/// The expiry of a claim whose work is running; see the slot protocol.
+#[cfg_attr(not(feature = "guard"), allow(dead_code))]
+pub(crate) const IN_FLIGHT: Tick = Tick(Tick::MAX.0 + 1);
+/// [`IN_FLIGHT`], and someone waits to hear how it ends.
+pub(crate) const IN_FLIGHT_WAITED: Tick = Tick(Tick::MAX.0 + 2);
+const _: () = assert!(IN_FLIGHT_WAITED.0 as u64 == EXPIRY_MASK);
+
+#[inline]
+fn in_flight(expiry: Tick) -> bool {
+    expiry > Tick::MAX
+}
+
 /// Slots per 64-byte cache line.
 pub(crate) const SLOTS_PER_LINE: usize = 4;
 /// Bytes of table per slot.
@@ -98,11 +116,27 @@ pub(crate) enum Insert {
     Revived { was_forgotten: bool },
     /// The key is live.
     Duplicate,
+    /// The key is a claim whose work is still running.
+    InFlight,
     /// The table is being migrated: retry on its successor.
     Frozen,
     /// No slot may be claimed (probe exhausted, or the shard is at its
     /// memory ceiling).
     Full,
+}
+
+/// What [`Table::settle`] did.
+#[cfg_attr(not(feature = "guard"), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// The claim was in flight and now holds the new expiry; `waited` if
+    /// someone had asked to hear how it ends.
+    Settled {
+        waited: bool,
+    },
+    /// The key is not an in-flight claim (it was forgotten meanwhile).
+    NotInFlight,
+    Frozen,
 }
 
 /// What [`Table::freeze`] counted.
@@ -112,7 +146,7 @@ pub(crate) struct Frozen {
     pub live: usize,
     /// Entries dead by time (forgotten ones not counted).
     pub expired: usize,
-    /// The latest expiry among the live entries (`now` if none).
+    /// The latest real expiry among the live entries (`now` if none).
     pub latest: Tick,
 }
 
@@ -258,7 +292,11 @@ impl Table {
                 while word_check(word) == key.check {
                     let old = word_expiry(word);
                     if old > now {
-                        return Insert::Duplicate;
+                        return if in_flight(old) {
+                            Insert::InFlight
+                        } else {
+                            Insert::Duplicate
+                        };
                     }
                     if word & MOVED != 0 {
                         return Insert::Frozen;
@@ -359,6 +397,49 @@ impl Table {
         Forget::Absent
     }
 
+    /// Move an in-flight claim of `key` to `to`: its real expiry, or
+    /// [`Tick::DEAD`] to release it, or [`IN_FLIGHT_WAITED`] to ask to be
+    /// told how it ends (which leaves an already waited claim as it is).
+    #[cfg_attr(not(feature = "guard"), allow(dead_code))]
+    pub(crate) fn settle(&self, key: Key, to: Tick) -> Settle {
+        let mut i = self.home(key.tag);
+        for _ in 0..self.slots {
+            let slot = self.slot(i);
+            let tag = slot.tag.load(Acquire);
+            if tag == EMPTY {
+                return Settle::NotInFlight;
+            }
+            if tag == FROZEN {
+                return Settle::Frozen;
+            }
+            if tag == key.tag {
+                let mut word = Self::published_word(slot);
+                while word_check(word) == key.check {
+                    let expiry = word_expiry(word);
+                    if !in_flight(expiry) {
+                        return Settle::NotInFlight;
+                    }
+                    if word & MOVED != 0 {
+                        return Settle::Frozen;
+                    }
+                    let waited = expiry == IN_FLIGHT_WAITED;
+                    if waited && to == IN_FLIGHT_WAITED {
+                        return Settle::Settled { waited };
+                    }
+                    match slot
+                        .word
+                        .compare_exchange(word, pack(key.check, to), AcqRel, Acquire)
+                    {
+                        Ok(_) => return Settle::Settled { waited },
+                        Err(actual) => word = actual,
+                    }
+                }
+            }
+            i = self.next(i);
+        }
+        Settle::NotInFlight
+    }
+
     /// Freeze every slot so no writer can change this table again, and
     /// count what it holds at `now`. [`Table::frozen_live`] then hands
     /// out the live entries.
@@ -382,7 +463,9 @@ impl Table {
             let expiry = word_expiry(slot.word.fetch_or(MOVED, AcqRel));
             if expiry > now {
                 frozen.live += 1;
-                frozen.latest = frozen.latest.max(expiry);
+                if !in_flight(expiry) {
+                    frozen.latest = frozen.latest.max(expiry);
+                }
             } else if expiry != Tick::DEAD {
                 frozen.expired += 1;
             }

@@ -31,8 +31,10 @@ use std::time::Duration;
 
 /// Seconds since [`Tick::EPOCH_UNIX_SECS`], in 31 bits (until the year 2088).
 ///
-/// Tick 1 means "dead" (a forgotten entry); 0 is reserved by the set. Real
-/// instants are clamped to `2..=Tick::MAX`.
+/// Tick 1 means "dead" (a forgotten entry); 0 is reserved by the set, and
+/// so are the two ticks above [`Tick::MAX`] (a claim whose work is still
+/// running, later than any real instant). Real instants are clamped to
+/// `2..=Tick::MAX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Tick(pub u32);
 
@@ -40,7 +42,7 @@ impl Tick {
     /// 2020-01-01T00:00:00Z.
     pub const EPOCH_UNIX_SECS: u64 = 1_577_836_800;
     /// Largest representable instant (2088-01-19).
-    pub const MAX: Tick = Tick((1 << 31) - 1);
+    pub const MAX: Tick = Tick((1 << 31) - 3);
     /// Marks a forgotten entry; earlier than every real instant.
     pub const DEAD: Tick = Tick(1);
     /// Earliest real instant.
