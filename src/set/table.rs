@@ -360,41 +360,55 @@ impl Table {
         false
     }
 
-    /// Mark `key` dead if it is live.
-    pub(crate) fn forget(&self, key: Key, now: Tick) -> Forget {
+    /// Probe for `key`: `at` gets each slot holding its tag, with the
+    /// slot's published word, and decides (`Some`) or, for another key
+    /// that shares the tag, lets the probe go on (`None`).
+    #[inline]
+    fn probe<R>(
+        &self,
+        key: Key,
+        absent: R,
+        frozen: R,
+        mut at: impl FnMut(&Slot, u64) -> Option<R>,
+    ) -> R {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
             let tag = slot.tag.load(Acquire);
             if tag == EMPTY {
-                return Forget::Absent;
+                return absent;
             }
             if tag == FROZEN {
-                return Forget::Frozen;
+                return frozen;
             }
             if tag == key.tag {
-                let mut word = Self::published_word(slot);
-                while word_check(word) == key.check {
-                    if word_expiry(word) <= now {
-                        return Forget::Absent;
-                    }
-                    if word & MOVED != 0 {
-                        return Forget::Frozen;
-                    }
-                    match slot.word.compare_exchange(
-                        word,
-                        pack(key.check, Tick::DEAD),
-                        AcqRel,
-                        Acquire,
-                    ) {
-                        Ok(_) => return Forget::Forgotten(word_expiry(word)),
-                        Err(actual) => word = actual,
-                    }
+                if let Some(decided) = at(slot, Self::published_word(slot)) {
+                    return decided;
                 }
             }
             i = self.next(i);
         }
-        Forget::Absent
+        absent
+    }
+
+    /// Mark `key` dead if it is live.
+    pub(crate) fn forget(&self, key: Key, now: Tick) -> Forget {
+        self.probe(key, Forget::Absent, Forget::Frozen, |slot, mut word| {
+            while word_check(word) == key.check {
+                if word_expiry(word) <= now {
+                    return Some(Forget::Absent);
+                }
+                if word & MOVED != 0 {
+                    return Some(Forget::Frozen);
+                }
+                let dead = pack(key.check, Tick::DEAD);
+                match slot.word.compare_exchange(word, dead, AcqRel, Acquire) {
+                    Ok(_) => return Some(Forget::Forgotten(word_expiry(word))),
+                    Err(actual) => word = actual,
+                }
+            }
+            None
+        })
     }
 
     /// Move an in-flight claim of `key` to `to`: its real expiry, or
@@ -402,42 +416,32 @@ impl Table {
     /// told how it ends (which leaves an already waited claim as it is).
     #[cfg_attr(not(feature = "guard"), allow(dead_code))]
     pub(crate) fn settle(&self, key: Key, to: Tick) -> Settle {
-        let mut i = self.home(key.tag);
-        for _ in 0..self.slots {
-            let slot = self.slot(i);
-            let tag = slot.tag.load(Acquire);
-            if tag == EMPTY {
-                return Settle::NotInFlight;
-            }
-            if tag == FROZEN {
-                return Settle::Frozen;
-            }
-            if tag == key.tag {
-                let mut word = Self::published_word(slot);
+        self.probe(
+            key,
+            Settle::NotInFlight,
+            Settle::Frozen,
+            |slot, mut word| {
                 while word_check(word) == key.check {
                     let expiry = word_expiry(word);
                     if !in_flight(expiry) {
-                        return Settle::NotInFlight;
+                        return Some(Settle::NotInFlight);
                     }
                     if word & MOVED != 0 {
-                        return Settle::Frozen;
+                        return Some(Settle::Frozen);
                     }
                     let waited = expiry == IN_FLIGHT_WAITED;
                     if waited && to == IN_FLIGHT_WAITED {
-                        return Settle::Settled { waited };
+                        return Some(Settle::Settled { waited });
                     }
-                    match slot
-                        .word
-                        .compare_exchange(word, pack(key.check, to), AcqRel, Acquire)
-                    {
-                        Ok(_) => return Settle::Settled { waited },
+                    let settled = pack(key.check, to);
+                    match slot.word.compare_exchange(word, settled, AcqRel, Acquire) {
+                        Ok(_) => return Some(Settle::Settled { waited }),
                         Err(actual) => word = actual,
                     }
                 }
-            }
-            i = self.next(i);
-        }
-        Settle::NotInFlight
+                None
+            },
+        )
     }
 
     /// Freeze every slot so no writer can change this table again, and
