@@ -206,6 +206,9 @@ impl Copied {
 
     #[inline]
     fn add(&mut self, expiry: Tick) {
+        if expiry > Tick::MAX {
+            return; // a guard's claim in flight: its expiry is not known yet
+        }
         let i = (expiry.0.saturating_sub(self.first) / self.width) as usize;
         self.counts[i.min(EXPIRY_BUCKETS - 1)] += 1;
     }
