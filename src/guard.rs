@@ -215,12 +215,17 @@ impl IdempotencyGuard {
     /// the flag and finds the channel, or ended before the flag was set
     /// (and then the flag is refused).
     fn listen(&self, fp: Fingerprint) -> Option<watch::Receiver<ClaimState>> {
+        use std::collections::hash_map::Entry;
         let mut map = self.waiters(fp).lock();
-        let made = !map.contains_key(&fp.0);
-        let rx = map
-            .entry(fp.0)
-            .or_insert_with(|| watch::channel(ClaimState::Running).0)
-            .subscribe();
+        let (rx, made) = match map.entry(fp.0) {
+            Entry::Occupied(tx) => (tx.get().subscribe(), false),
+            Entry::Vacant(slot) => {
+                let rx = slot
+                    .insert(watch::channel(ClaimState::Running).0)
+                    .subscribe();
+                (rx, true)
+            }
+        };
         if self.engine.wait_on_claim(fp) {
             Some(rx)
         } else {

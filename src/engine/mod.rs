@@ -250,6 +250,11 @@ impl Engine {
         }
     }
 
+    /// Validate a batch before any of it is touched.
+    fn validate_all<I: AsRef<[u8]>>(&self, ids: &[I]) -> Result<()> {
+        ids.iter().try_for_each(|id| self.validate(id.as_ref()))
+    }
+
     /// Does this engine remember marks at all (its TTL is not zero)?
     #[inline]
     fn remembers(&self) -> bool {
@@ -414,9 +419,7 @@ impl Engine {
         ids: &[I],
         out: &mut Vec<Verdict>,
     ) -> Result<()> {
-        for id in ids {
-            self.validate(id.as_ref())?;
-        }
+        self.validate_all(ids)?;
         let fps = ids
             .iter()
             .map(|id| self.inner.fingerprinter.fingerprint(id.as_ref()));
@@ -692,9 +695,7 @@ impl Engine {
         ids: &[I],
         out: &mut Vec<bool>,
     ) -> Result<()> {
-        for id in ids {
-            self.validate(id.as_ref())?;
-        }
+        self.validate_all(ids)?;
         out.reserve(ids.len());
         if !self.remembers() {
             out.extend(ids.iter().map(|_| false));

@@ -43,7 +43,8 @@ const MAX_LOAD: f64 = 0.85;
 /// grew 25–30 % slower (a third more migrations); 0.8 / 0.5 staggered held
 /// 25.5. See `docs/benchmarks.md`, "Memory at every size".
 const GROW_TO_LOAD: f64 = 0.55;
-/// A sweep keeps the table size while the live load stays in this band.
+/// A rebuild keeps the table size while the live load stays in this band
+/// (a sweep's below [`FIT_BELOW_LOAD`] shrinks to fit instead).
 const KEEP_SIZE_LOAD: (f64, f64) = (0.2, 0.7);
 /// A sweep's rebuild shrinks a table whose live entries fill less than
 /// this fraction of it to [`FIT_LOAD`]: under steady traffic expired
