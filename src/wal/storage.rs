@@ -401,7 +401,7 @@ impl Storage for DirStorage {
             .open(self.dir.join(name))?;
         // Keep 0600 even if someone loosened it.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        segment_file(file, mode)
+        segment_file(file, &self.dir.join(name), mode)
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -413,7 +413,7 @@ impl Storage for DirStorage {
     }
 }
 
-fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
+fn segment_file(file: File, path: &Path, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>> {
     Ok(match mode {
         WriteMode::Mapped => Box::new(MappedSegment::new(file)?),
         WriteMode::Written => {
@@ -425,6 +425,12 @@ fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>
             Box::new(StagedSegment {
                 // Anonymous memory: pages are only taken as records land.
                 staged: memmap2::MmapMut::map_anon(len.max(1))?,
+                // Where the filesystem takes it (tmpfs does not).
+                direct: OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok(),
                 file,
                 len,
                 progress: parking_lot::Mutex::new(StagedProgress::default()),
@@ -436,8 +442,6 @@ fn segment_file(file: File, mode: WriteMode) -> io::Result<Box<dyn SegmentFile>>
 /// The page size `madvise` works in (4 KiB on every platform we build for;
 /// a larger real page only makes the advice cover less).
 const STAGED_PAGE: usize = 4096;
-/// Zeros to pad a staged write to a whole page.
-static ZERO_PAGE: [u8; STAGED_PAGE] = [0; STAGED_PAGE];
 /// Staged bytes handed back at a time.
 const RELEASE_STEP: usize = 1 << 20;
 
@@ -446,6 +450,8 @@ const RELEASE_STEP: usize = 1 << 20;
 struct StagedSegment {
     staged: memmap2::MmapMut,
     file: File,
+    /// The same file opened with `O_DIRECT`, for syncs of whole pages.
+    direct: Option<File>,
     len: usize,
     /// Syncs of one segment (the group commit's and the seal at rollover)
     /// take turns, so none writes staged bytes another has handed back.
@@ -466,6 +472,11 @@ struct StagedProgress {
     /// file holds only from here on (before it are the header, and the
     /// records of an earlier process, which were never staged).
     base: Option<usize>,
+    /// Page-aligned copy of what a sync writes: the staged bytes, then
+    /// zeros to the end of the page.
+    bounce: Option<memmap2::MmapMut>,
+    /// An `O_DIRECT` write was refused: the page cache takes them all.
+    direct_refused: bool,
 }
 
 impl SegmentFile for StagedSegment {
@@ -510,23 +521,62 @@ impl SegmentFile for StagedSegment {
             // Whole pages: from the start of the page holding `written`
             // (still staged: only pages before it were handed back; but
             // never before `base`, below which the staging buffer holds
-            // zeros, not the file's header and records), and
-            // padded with zeros to the end of the page holding `end` (what
-            // the zero-filled file holds there). A write that ended inside
-            // a page not in the page cache would first read that page from
-            // the disk, inside the sync; the zero fill bypasses the cache.
+            // zeros, not the file's header and records), and padded with
+            // zeros to the end of the page holding `end` (what the
+            // zero-filled file holds there). Whole pages go to the disk
+            // with `O_DIRECT`: measured on the 2-vCPU guest's virtio disk,
+            // a direct 48 KB write then `fdatasync` took 157-181 us (p50)
+            // against 201-216 us through the page cache. And a write
+            // through the cache that ended inside a page not cached (the
+            // zero fill bypasses the cache) would first read that page
+            // from the disk, inside the sync.
             let start = p.written.max(offset);
             let base = *p.base.get_or_insert(start);
             let from = (start / STAGED_PAGE * STAGED_PAGE).max(base);
-            let pad = (STAGED_PAGE - end % STAGED_PAGE) % STAGED_PAGE;
-            let pad = pad.min(self.len - end);
+            let padded_end = end.next_multiple_of(STAGED_PAGE).min(self.len);
+            let total = padded_end - from;
+            let direct = match &self.direct {
+                Some(d) if !p.direct_refused && from % STAGED_PAGE == 0 => {
+                    (padded_end % STAGED_PAGE == 0).then_some(d)
+                }
+                _ => None,
+            };
+            let StagedProgress {
+                bounce,
+                direct_refused,
+                ..
+            } = &mut *p;
+            let bounce = match bounce {
+                Some(b) if b.len() >= total => b,
+                slot => slot.insert(memmap2::MmapMut::map_anon(
+                    total.next_power_of_two().max(64 << 10),
+                )?),
+            };
+            let bounce = &mut bounce[..total];
             // SAFETY: `from..end` is in bounds, not handed back (`from` is
             // at or past the first page not released), and fully
             // published: every writer of it has finished, and none writes
             // it again.
             let staged =
                 unsafe { std::slice::from_raw_parts(self.staged.as_ptr().add(from), end - from) };
-            write_all_at_padded(&self.file, staged, &ZERO_PAGE[..pad], from as u64)?;
+            let (bytes, pad) = bounce.split_at_mut(staged.len());
+            bytes.copy_from_slice(staged);
+            pad.fill(0);
+            let written = match direct {
+                Some(d) => match d.write_all_at(bounce, from as u64) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // Refused (alignment the filesystem wants larger
+                        // than a page, or no direct I/O after all): the
+                        // cache takes this write and every later one.
+                        tracing::debug!(error = %e, "seen: O_DIRECT log write refused");
+                        *direct_refused = true;
+                        self.file.write_all_at(bounce, from as u64)
+                    }
+                    other => other,
+                },
+                None => self.file.write_all_at(bounce, from as u64),
+            };
+            written?;
             p.written = end;
         }
         #[cfg(feature = "failpoints")]
@@ -543,7 +593,7 @@ impl SegmentFile for StagedSegment {
         if upto >= p.released + RELEASE_STEP {
             // SAFETY: advice on whole pages of our own mapping that no one
             // reads or writes again (appends only go forward, syncs only
-            // write past `written`).
+            // read from the page holding `written` on).
             unsafe {
                 libc::madvise(
                     self.staged.as_ptr().add(p.released).cast_mut().cast(),
@@ -562,53 +612,6 @@ impl SegmentFile for StagedSegment {
         self.file.write_all_at(&vec![0u8; len], offset as u64)?;
         self.file.sync_data()
     }
-}
-
-/// Write `bytes` and then `pad` at `offset` with one `pwritev` (and more
-/// only if it writes short), so the kernel sees them as one write.
-fn write_all_at_padded(file: &File, bytes: &[u8], pad: &[u8], offset: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let total = bytes.len() + pad.len();
-    let mut done = 0;
-    while done < total {
-        let (a, b) = if done < bytes.len() {
-            (&bytes[done..], pad)
-        } else {
-            (&pad[done - bytes.len()..], &[][..])
-        };
-        let iov = [
-            libc::iovec {
-                iov_base: a.as_ptr().cast_mut().cast(),
-                iov_len: a.len(),
-            },
-            libc::iovec {
-                iov_base: b.as_ptr().cast_mut().cast(),
-                iov_len: b.len(),
-            },
-        ];
-        #[allow(unsafe_code)]
-        // SAFETY: both iovecs point into live slices of the stated lengths,
-        // which pwritev only reads.
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                2,
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        match n {
-            n if n > 0 => done += n as usize,
-            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A segment whose appends are each written to the file with `pwrite`.
