@@ -278,3 +278,37 @@ async fn plain_checks_see_a_claim_in_flight_as_marked() {
         Outcome::AlreadyProcessed
     );
 }
+
+/// `Engine::forget` of an id whose work is still running: the forget wins,
+/// in memory and after a restart (the work's commit, which logs its mark
+/// after the forget was logged, must not bring the id back on replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_during_the_work_stays_forgotten_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Arc::new(
+            Engine::builder()
+                .durability(Durability::Sync)
+                .open(dir.path())
+                .unwrap(),
+        )
+    };
+    {
+        let guard = IdempotencyGuard::new(open());
+        let engine = guard.engine().clone();
+        let outcome = guard
+            .process_if_new("refund-7", async {
+                assert!(engine.forget("refund-7").unwrap(), "in flight: forgettable");
+                Ok::<_, String>(())
+            })
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Success(())), "{outcome:?}");
+        assert!(!engine.contains("refund-7").unwrap(), "forgotten in memory");
+    }
+    let engine = open();
+    assert!(
+        !engine.contains("refund-7").unwrap(),
+        "forgotten after a restart"
+    );
+}

@@ -573,7 +573,19 @@ impl Engine {
             let pos = d.append(&self.inner.set, &[mark], Tick::MIN_LIVE, guard)?;
             d.settle(pos)?;
         }
-        Ok(self.inner.set.settle(mark.fingerprint, mark.expiry, guard))
+        let settled = self.inner.set.settle(mark.fingerprint, mark.expiry, guard);
+        if let (Settle::NotInFlight, Some(d)) = (settled, &self.inner.durable) {
+            // Someone forgot the id while the work ran (the only way a
+            // claim stops being in flight but by its claimant). The forget
+            // was logged then, before the mark just logged, so a replay
+            // would bring the id back: log it again, after the mark,
+            // unless someone has marked the id anew since.
+            let fp = mark.fingerprint;
+            if !self.inner.set.contains(fp, self.inner.now(), guard) {
+                d.settle(d.append_forget(fp, mark.expiry, guard)?)?;
+            }
+        }
+        Ok(settled)
     }
 
     /// The claim's work failed: forget it, so a retry can claim it again.
