@@ -243,17 +243,19 @@ impl IdempotencyGuard {
     #[cfg(feature = "kafka")]
     /// It takes the caller's `Arc`, which a new claim keeps.
     pub(crate) fn claim(self: Arc<Self>, fp: Fingerprint) -> Result<Claimed> {
-        match self.try_claim(fp)? {
-            Claim::Ours(mark) => Ok(Claimed::New(ClaimHandle {
+        match self.engine.claim(fp)? {
+            engine::Claim::New(mark) => Ok(Claimed::New(ClaimHandle {
                 guard: self,
                 fp,
                 mark: Some(mark),
             })),
-            Claim::Done => {
+            engine::Claim::Processed => {
                 self.engine.wait_durable_if_sync()?;
                 Ok(Claimed::Processed)
             }
-            Claim::Busy(_) => Ok(Claimed::Busy),
+            // No listening here: the caller's full path listens (and
+            // claims again if the claim has ended by then).
+            engine::Claim::InFlight => Ok(Claimed::Busy),
         }
     }
 
