@@ -233,13 +233,16 @@ fn preallocate(file: &File, path: &Path, size: usize, mode: WriteMode) -> io::Re
 /// does not take `O_DIRECT`, as tmpfs does not).
 ///
 /// Segments are made while the active one takes syncs, and every byte of
-/// zeros competes with them for the disk. Through the page cache, 64 MiB
-/// of zeros went to the disk in bursts that the syncs queued behind (p99
-/// of a 43 KB pwrite + fdatasync 0.4 -> 2-4 ms while zero-filling beside
-/// it), and copying them cost CPU the writers wanted. Direct writes of
-/// 256 KiB, one at a time with a pause between, leave a sync at most one
-/// small write to wait behind (p99 0.7 ms in the same measurement) and
-/// still fill about 400 MB/s, far ahead of any append rate.
+/// zeros competes with them for the disk. Through the page cache, zeros
+/// went to the disk in bursts that the syncs queued behind, and copying
+/// them cost CPU the writers wanted. Measured on the 2-vCPU guest, 400
+/// syncs of a 43 KB `pwrite` + `fdatasync` while another thread zero-fills
+/// without end: through the cache (flushed every 2 MiB), mean 638-790 us
+/// and p99 2.5-2.8 ms; direct, 256 KiB per write with 200 us between, mean
+/// 391-397 us and p99 1.0-1.2 ms, still filling 360 MB/s (alone: mean
+/// 164-186 us). A slower pace disturbs less (1 ms: mean 253-284 us) but
+/// fills 150 MB/s, slower than a doubling segment must be filled at a
+/// few M marks/s, and a rollover would then wait for it.
 fn zero_fill_direct(path: &Path, size: usize) -> io::Result<usize> {
     let direct = match OpenOptions::new()
         .write(true)
