@@ -584,9 +584,7 @@ fn finish(
         // A new store starts small (segments double from there).
         None => (None, 1),
     };
-    let size = if std::env::var("SEEN_FIRST").is_ok() {
-        128 << 20
-    } else if next_seq == 1 {
+    let size = if next_seq == 1 {
         opts.segment_size.min(super::FIRST_SEGMENT_SIZE)
     } else {
         opts.segment_size
