@@ -537,3 +537,42 @@ fn reopened_sync_store_keeps_the_records_before_its_first_new_sync() {
     let e = open_big();
     assert_eq!(e.len(), expected.len());
 }
+
+/// One `Sync` call whose records span more than the sync's 1 MiB copy
+/// buffer (40k marks, 1.3 MB, in the store's second segment, of 2 MiB):
+/// written in several pieces, all replayed.
+#[test]
+fn a_sync_larger_than_the_copy_buffer_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let open_big = || {
+        Engine::builder()
+            .ttl(Duration::from_secs(100))
+            .durability(Durability::Sync)
+            .clock(clock.clone())
+            .background_sweep(false)
+            .open(dir.path())
+            .unwrap()
+    };
+    // 33k marks fill the first segment (1 MiB) and roll over.
+    let fill: Vec<String> = (0..33_000).map(|i| format!("fill-{i}")).collect();
+    let ids: Vec<String> = (0..40_000).map(|i| format!("big-{i}")).collect();
+    {
+        let e = open_big();
+        assert!(e
+            .check_and_insert_batch(&fill)
+            .unwrap()
+            .iter()
+            .all(|v| *v == Verdict::New));
+        let verdicts = e.check_and_insert_batch(&ids).unwrap();
+        assert!(verdicts.iter().all(|v| *v == Verdict::New));
+        assert_eq!(
+            segments(dir.path()).len(),
+            2,
+            "all 40k in the second segment"
+        );
+    }
+    let e = open_big();
+    assert_eq!(e.len(), fill.len() + ids.len());
+    assert!(e.contains_batch(&ids).unwrap().iter().all(|&f| f));
+}

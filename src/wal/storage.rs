@@ -445,6 +445,8 @@ fn segment_file(file: File, path: &Path, mode: WriteMode) -> io::Result<Box<dyn 
 /// The page size `madvise` works in (4 KiB on every platform we build for;
 /// a larger real page only makes the advice cover less).
 const STAGED_PAGE: usize = 4096;
+/// Bytes a staged sync copies and writes at a time.
+const BOUNCE: usize = 1 << 20;
 /// Staged bytes handed back at a time.
 const RELEASE_STEP: usize = 1 << 20;
 
@@ -475,8 +477,8 @@ struct StagedProgress {
     /// file holds only from here on (before it are the header, and the
     /// records of an earlier process, which were never staged).
     base: Option<usize>,
-    /// Page-aligned copy of what a sync writes: the staged bytes, then
-    /// zeros to the end of the page.
+    /// Page-aligned copy of what a sync writes, BOUNCE bytes at a time:
+    /// the staged bytes, then zeros to the end of the page.
     bounce: Option<memmap2::MmapMut>,
     /// An `O_DIRECT` write was refused: the page cache takes them all.
     direct_refused: bool,
@@ -537,7 +539,6 @@ impl SegmentFile for StagedSegment {
             let base = *p.base.get_or_insert(start);
             let from = (start / STAGED_PAGE * STAGED_PAGE).max(base);
             let padded_end = end.next_multiple_of(STAGED_PAGE).min(self.len);
-            let total = padded_end - from;
             let direct = match &self.direct {
                 Some(d) if !p.direct_refused && from % STAGED_PAGE == 0 => {
                     (padded_end % STAGED_PAGE == 0).then_some(d)
@@ -550,36 +551,42 @@ impl SegmentFile for StagedSegment {
                 ..
             } = &mut *p;
             let bounce = match bounce {
-                Some(b) if b.len() >= total => b,
-                slot => slot.insert(memmap2::MmapMut::map_anon(
-                    total.next_power_of_two().max(64 << 10),
-                )?),
+                Some(b) => b,
+                slot => slot.insert(memmap2::MmapMut::map_anon(BOUNCE)?),
             };
-            let bounce = &mut bounce[..total];
             // SAFETY: `from..end` is in bounds, not handed back (`from` is
             // at or past the first page not released), and fully
             // published: every writer of it has finished, and none writes
             // it again.
             let staged =
                 unsafe { std::slice::from_raw_parts(self.staged.as_ptr().add(from), end - from) };
-            let (bytes, pad) = bounce.split_at_mut(staged.len());
-            bytes.copy_from_slice(staged);
-            pad.fill(0);
-            let written = match direct {
-                Some(d) => match d.write_all_at(bounce, from as u64) {
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        // Refused (alignment the filesystem wants larger
-                        // than a page, or no direct I/O after all): the
-                        // cache takes this write and every later one.
-                        tracing::debug!(error = %e, "seen: O_DIRECT log write refused");
-                        *direct_refused = true;
-                        self.file.write_all_at(bounce, from as u64)
-                    }
-                    other => other,
-                },
-                None => self.file.write_all_at(bounce, from as u64),
-            };
-            written?;
+            // BOUNCE at a time (a multiple of the page), so the copy costs
+            // at most that much memory however large the sync.
+            let mut at = 0;
+            while from + at < padded_end {
+                let n = BOUNCE.min(padded_end - from - at);
+                let chunk = &mut bounce[..n];
+                let have = staged.len().saturating_sub(at).min(n);
+                chunk[..have].copy_from_slice(&staged[at..at + have]);
+                chunk[have..].fill(0);
+                let offset = (from + at) as u64;
+                match direct {
+                    Some(d) if !*direct_refused => match d.write_all_at(chunk, offset) {
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            // Refused (alignment the filesystem wants
+                            // larger than a page, or no direct I/O after
+                            // all): the cache takes this write and every
+                            // later one.
+                            tracing::debug!(error = %e, "seen: O_DIRECT log write refused");
+                            *direct_refused = true;
+                            self.file.write_all_at(chunk, offset)?;
+                        }
+                        other => other?,
+                    },
+                    _ => self.file.write_all_at(chunk, offset)?,
+                }
+                at += n;
+            }
             p.written = end;
         }
         #[cfg(feature = "failpoints")]
