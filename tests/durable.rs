@@ -499,6 +499,17 @@ fn the_next_segment_is_prepared_ahead_and_never_left_behind() {
     }
 }
 
+/// [`open`] with the default segment sizes (1 MiB first, doubling).
+fn open_default_segments(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
+    Engine::builder()
+        .ttl(Duration::from_secs(100))
+        .durability(Durability::Sync)
+        .clock(clock.clone())
+        .background_sweep(false)
+        .open(dir)
+        .unwrap()
+}
+
 /// A `Sync` store reopened with its last record ending inside a page, then
 /// appended to by several syncs: the syncs write whole pages of the
 /// staging buffer, which must never cover the records the earlier process
@@ -507,15 +518,7 @@ fn the_next_segment_is_prepared_ahead_and_never_left_behind() {
 fn reopened_sync_store_keeps_the_records_before_its_first_new_sync() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(START));
-    let open_big = || {
-        Engine::builder()
-            .ttl(Duration::from_secs(100))
-            .durability(Durability::Sync)
-            .clock(clock.clone())
-            .background_sweep(false)
-            .open(dir.path())
-            .unwrap()
-    };
+    let open_big = || open_default_segments(dir.path(), &clock);
     let mut expected = Vec::new();
     for round in 0..4u32 {
         let e = open_big();
@@ -545,15 +548,7 @@ fn reopened_sync_store_keeps_the_records_before_its_first_new_sync() {
 fn a_sync_larger_than_the_copy_buffer_is_written_whole() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(START));
-    let open_big = || {
-        Engine::builder()
-            .ttl(Duration::from_secs(100))
-            .durability(Durability::Sync)
-            .clock(clock.clone())
-            .background_sweep(false)
-            .open(dir.path())
-            .unwrap()
-    };
+    let open_big = || open_default_segments(dir.path(), &clock);
     // 33k marks fill the first segment (1 MiB) and roll over.
     let fill: Vec<String> = (0..33_000).map(|i| format!("fill-{i}")).collect();
     let ids: Vec<String> = (0..40_000).map(|i| format!("big-{i}")).collect();
