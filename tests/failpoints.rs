@@ -177,3 +177,40 @@ fn failed_store_header_write_is_an_error_and_retryable() {
     let e = open(dir.path()).unwrap();
     assert!(e.recovery_report().unwrap().created);
 }
+
+/// A filesystem that refuses the log's `O_DIRECT` writes (alignment, or no
+/// direct I/O): the sync goes through the page cache instead, no error,
+/// nothing lost.
+#[test]
+fn a_refused_direct_write_falls_back_to_the_page_cache() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let open_64k = || {
+        Engine::builder()
+            .durability(Durability::Sync)
+            .segment_size(64 << 10)
+            .ttl(Duration::from_secs(3600))
+            .background_sweep(false)
+            .open(dir.path())
+            .unwrap()
+    };
+    let acked: Vec<u32> = (0..3000).collect();
+    {
+        let e = open_64k();
+        fail::cfg("wal::odirect", "return").unwrap();
+        // Each call its own sync; past the first page of each segment the
+        // syncs are whole pages, tried direct first.
+        for i in &acked {
+            assert_eq!(e.check_and_insert(i.to_le_bytes()).unwrap(), Verdict::New);
+        }
+        fail::remove("wal::odirect");
+    }
+    let e = open_64k();
+    assert_eq!(e.len(), acked.len());
+    for i in &acked {
+        assert!(
+            e.contains(i.to_le_bytes()).unwrap(),
+            "acknowledged {i} lost"
+        );
+    }
+}

@@ -445,6 +445,16 @@ fn segment_file(file: File, path: &Path, mode: WriteMode) -> io::Result<Box<dyn 
 /// The page size `madvise` works in (4 KiB on every platform we build for;
 /// a larger real page only makes the advice cover less).
 const STAGED_PAGE: usize = 4096;
+/// A staged sync's `O_DIRECT` write (a failpoint can refuse it, as a
+/// filesystem that wants a larger alignment would).
+fn direct_write(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if fail::eval("wal::odirect", |_| ()).is_some() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    file.write_all_at(bytes, offset)
+}
+
 /// Bytes a staged sync copies and writes at a time.
 const BOUNCE: usize = 1 << 20;
 /// Staged bytes handed back at a time.
@@ -571,7 +581,7 @@ impl SegmentFile for StagedSegment {
                 chunk[have..].fill(0);
                 let offset = (from + at) as u64;
                 match direct {
-                    Some(d) if !*direct_refused => match d.write_all_at(chunk, offset) {
+                    Some(d) if !*direct_refused => match direct_write(d, chunk, offset) {
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                             // Refused (alignment the filesystem wants
                             // larger than a page, or no direct I/O after
