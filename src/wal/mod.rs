@@ -750,7 +750,7 @@ impl Wal {
     /// leader's own wake-up by the disk's interrupt, and on a virtual
     /// machine each wake-up of an idle CPU costs tens of microseconds:
     /// on the 2-vCPU guest `seen bench --durability sync` made 5-8 % more
-    /// acks/s with one waiter spinning (64 single-id callers: 8-10 %).
+    /// acks/s with one waiter spinning (64 single-id callers: 8-11 %).
     /// Only one waiter spins at a time (`spinner`), it yields, so runnable
     /// threads keep the CPU, and only while syncs take less than SPIN_FOR:
     /// on a slow disk spinning would only burn the CPU. The rest sleep.
