@@ -244,11 +244,7 @@ fn preallocate(file: &File, path: &Path, size: usize, mode: WriteMode) -> io::Re
 /// fills 150 MB/s, slower than a doubling segment must be filled at a
 /// few M marks/s, and a rollover would then wait for it.
 fn zero_fill_direct(path: &Path, size: usize) -> io::Result<usize> {
-    let direct = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
+    let direct = match open_direct(path) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(0),
         Err(e) => return Err(e),
@@ -268,6 +264,15 @@ fn zero_fill_direct(path: &Path, size: usize) -> io::Result<usize> {
         std::thread::sleep(ZERO_PAUSE);
     }
     Ok(at)
+}
+
+/// `path` opened for writing with `O_DIRECT` (refused with `EINVAL` where
+/// the filesystem has no direct I/O).
+fn open_direct(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
 }
 
 /// Write zeros over `from..size` through the page cache.
@@ -428,12 +433,8 @@ fn segment_file(file: File, path: &Path, mode: WriteMode) -> io::Result<Box<dyn 
             Box::new(StagedSegment {
                 // Anonymous memory: pages are only taken as records land.
                 staged: memmap2::MmapMut::map_anon(len.max(1))?,
-                // Where the filesystem takes it (tmpfs does not).
-                direct: OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                    .ok(),
+                // Where the filesystem takes it.
+                direct: open_direct(path).ok(),
                 file,
                 len,
                 progress: parking_lot::Mutex::new(StagedProgress::default()),
@@ -549,12 +550,8 @@ impl SegmentFile for StagedSegment {
             let base = *p.base.get_or_insert(start);
             let from = (start / STAGED_PAGE * STAGED_PAGE).max(base);
             let padded_end = end.next_multiple_of(STAGED_PAGE).min(self.len);
-            let direct = match &self.direct {
-                Some(d) if !p.direct_refused && from % STAGED_PAGE == 0 => {
-                    (padded_end % STAGED_PAGE == 0).then_some(d)
-                }
-                _ => None,
-            };
+            let aligned = from % STAGED_PAGE == 0 && padded_end % STAGED_PAGE == 0;
+            let direct = self.direct.as_ref().filter(|_| aligned);
             let StagedProgress {
                 bounce,
                 direct_refused,
