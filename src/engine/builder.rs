@@ -183,6 +183,7 @@ impl EngineBuilder {
             capacity_hint: self.capacity,
             memory_limit,
             policy,
+            start: Tick::from_unix_secs(self.clock.now_unix_secs()),
         })
     }
 

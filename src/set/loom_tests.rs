@@ -4,12 +4,12 @@
 use loom::sync::Arc;
 use loom::thread;
 
+use super::table::Stamp;
 use super::table::{Insert, Key, Settle, Table, Writers, IN_FLIGHT, IN_FLIGHT_WAITED};
 use crate::fingerprint::Fingerprint;
-use crate::ttl::Tick;
 
-const NOW: Tick = Tick(10);
-const LATER: Tick = Tick(20);
+const NOW: Stamp = Stamp(10);
+const LATER: Stamp = Stamp(20);
 
 fn key(lo: u64, check: u64) -> Key {
     Key::new(Fingerprint(lo as u128 | (check as u128) << 64))
@@ -56,7 +56,7 @@ fn loom_racing_revivals_give_one_new() {
         let t = Arc::new(Table::new(4, 1.0, false));
         let k = key(9, 3);
         assert_eq!(
-            t.insert(k, Tick(2), Tick(5), Writers::Many),
+            t.insert(k, Stamp(2), Stamp(5), Writers::Many),
             Insert::Claimed
         );
         let t2 = t.clone();
@@ -122,7 +122,7 @@ fn loom_a_waiter_is_seen_exactly_when_its_flag_took() {
         assert_eq!(t.insert(k, NOW, IN_FLIGHT, Writers::Many), Insert::Claimed);
         let t2 = t.clone();
         let h = thread::spawn(move || t2.settle(k, IN_FLIGHT_WAITED));
-        let settled = t.settle(k, Tick::DEAD);
+        let settled = t.settle(k, Stamp::DEAD);
         let flagged = h.join().unwrap();
         match flagged {
             Settle::Settled { .. } => assert_eq!(settled, Settle::Settled { waited: true }),
@@ -143,7 +143,7 @@ fn loom_a_released_claim_can_be_taken_again() {
         assert_eq!(t.insert(k, NOW, IN_FLIGHT, Writers::Many), Insert::Claimed);
         let t2 = t.clone();
         let h = thread::spawn(move || t2.insert(k, NOW, LATER, Writers::Many));
-        t.settle(k, Tick::DEAD);
+        t.settle(k, Stamp::DEAD);
         match h.join().unwrap() {
             Insert::Revived { was_forgotten } => {
                 assert!(was_forgotten);

@@ -24,13 +24,18 @@ use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-use table::{Forget, Frozen, Insert, Key, Table, Writers};
 #[cfg(feature = "guard")]
-pub(crate) use table::{Settle, IN_FLIGHT_WAITED};
+pub(crate) use table::Settle;
+use table::{Forget, Frozen, Insert, Key, Stamp, Stamps, Table, Writers};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::ttl::Tick;
+
+/// The expiry that asks [`ShardedSet::settle`] to have the claim's end
+/// reported (see `table.rs`).
+#[cfg(feature = "guard")]
+pub(crate) const IN_FLIGHT_WAITED: Tick = Tick(Tick::MAX.0 + 2);
 
 /// Migrate when this fraction of a table's slots is claimed.
 const MAX_LOAD: f64 = 0.85;
@@ -147,6 +152,8 @@ pub(crate) struct SetConfig {
     /// Memory ceiling for all tables together.
     pub memory_limit: Option<usize>,
     pub policy: MemoryPolicy,
+    /// When the set is made: where its slots' [`Stamp`]s count from.
+    pub start: Tick,
 }
 
 struct Shard {
@@ -195,7 +202,7 @@ const EXPIRY_BUCKETS: usize = 8;
 
 impl Copied {
     /// Count the live entries a migration at `now` is about to copy.
-    fn start(now: Tick, latest: Tick) -> Copied {
+    fn start(now: Stamp, latest: Stamp) -> Copied {
         let first = now.0 + 1;
         let span = latest.0.saturating_sub(now.0);
         Copied {
@@ -206,8 +213,8 @@ impl Copied {
     }
 
     #[inline]
-    fn add(&mut self, expiry: Tick) {
-        if expiry > Tick::MAX {
+    fn add(&mut self, expiry: Stamp) {
+        if expiry > Stamp::MAX {
             return; // a guard's claim in flight: its expiry is not known yet
         }
         let i = (expiry.0.saturating_sub(self.first) / self.width) as usize;
@@ -216,7 +223,7 @@ impl Copied {
 
     /// Copied entries certainly expired at `now` (whole buckets only), and
     /// whether that is all of them.
-    fn expired(&self, now: Tick) -> (usize, bool) {
+    fn expired(&self, now: Stamp) -> (usize, bool) {
         let mut due = 0;
         for (i, &n) in self.counts.iter().enumerate() {
             let end = self.first as u64 + (i as u64 + 1) * self.width as u64;
@@ -242,6 +249,7 @@ pub(crate) struct ShardedSet {
     shards: Box<[CachePadded<Shard>]>,
     shard_shift: u32,
     slot_limit: Option<usize>,
+    stamps: Stamps,
     config: SetConfig,
     pub(crate) reclaimed: Reclaimed,
 }
@@ -276,7 +284,7 @@ impl ShardedSet {
                 }
                 CachePadded::new(Shard {
                     table: Atomic::new(Table::new(slots, MAX_LOAD, at_limit)),
-                    next_expiry: AtomicU32::new(Tick::MAX.0),
+                    next_expiry: AtomicU32::new(Stamp::MAX.0),
                     last_sweep: AtomicU32::new(0),
                     migration: Mutex::new(Copied::default()),
                     ladder_base,
@@ -287,6 +295,7 @@ impl ShardedSet {
             shards,
             shard_shift: 64 - config.shards.trailing_zeros(),
             slot_limit,
+            stamps: Stamps::starting_at(config.start),
             config,
             reclaimed: Reclaimed::default(),
         }
@@ -358,6 +367,7 @@ impl ShardedSet {
         expiry: Tick,
         guard: &Guard,
     ) -> Result<Verdict> {
+        let (now, expiry) = (self.stamps.stamp(now), self.stamps.stamp(expiry));
         self.insert_as(fp, now, expiry, guard, Writers::Many)
             .map(Inserted::verdict)
     }
@@ -367,6 +377,7 @@ impl ShardedSet {
     /// [`ShardedSet::settle`] gives it its real expiry or forgets it.
     #[cfg(feature = "guard")]
     pub(crate) fn claim(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> Result<Inserted> {
+        let now = self.stamps.stamp(now);
         self.insert_as(fp, now, table::IN_FLIGHT, guard, Writers::Many)
     }
 
@@ -375,12 +386,13 @@ impl ShardedSet {
     pub(crate) fn settle(&self, fp: Fingerprint, to: Tick, guard: &Guard) -> Settle {
         let key = Key::new(fp);
         let shard = self.shard(fp);
+        let to = self.stamps.stamp(to);
         loop {
             let (_, table) = Self::current(shard, guard);
             match table.settle(key, to) {
                 Settle::Frozen => drop(shard.migration.lock()),
                 settled @ Settle::Settled { .. } => {
-                    if to == Tick::DEAD {
+                    if to == Stamp::DEAD {
                         table.forgotten.fetch_add(1, Relaxed);
                     } else if to != table::IN_FLIGHT_WAITED {
                         Self::note_expiry(shard, to);
@@ -405,6 +417,7 @@ impl ShardedSet {
         expiry: Tick,
         guard: &Guard,
     ) -> Result<Verdict> {
+        let (now, expiry) = (self.stamps.stamp(now), self.stamps.stamp(expiry));
         self.insert_as(fp, now, expiry, guard, Writers::One)
             .map(Inserted::verdict)
     }
@@ -413,8 +426,8 @@ impl ShardedSet {
     fn insert_as(
         &self,
         fp: Fingerprint,
-        now: Tick,
-        expiry: Tick,
+        now: Stamp,
+        expiry: Stamp,
         guard: &Guard,
         writers: Writers,
     ) -> Result<Inserted> {
@@ -465,7 +478,7 @@ impl ShardedSet {
     }
 
     #[inline]
-    fn note_expiry(shard: &Shard, expiry: Tick) {
+    fn note_expiry(shard: &Shard, expiry: Stamp) {
         // With one TTL, expiries only grow: usually a load and no write.
         if expiry.0 < shard.next_expiry.load(Relaxed) {
             shard.next_expiry.fetch_min(expiry.0, Relaxed);
@@ -475,19 +488,20 @@ impl ShardedSet {
     #[inline]
     pub(crate) fn contains(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> bool {
         let (_, table) = Self::current(self.shard(fp), guard);
-        table.contains(Key::new(fp), now)
+        table.contains(Key::new(fp), self.stamps.stamp(now))
     }
 
     /// Forget a live entry; returns the expiry it had.
     pub(crate) fn forget(&self, fp: Fingerprint, now: Tick, guard: &Guard) -> Option<Tick> {
         let key = Key::new(fp);
         let shard = self.shard(fp);
+        let now = self.stamps.stamp(now);
         loop {
             let (_, table) = Self::current(shard, guard);
             match table.forget(key, now) {
                 Forget::Forgotten(expiry) => {
                     table.forgotten.fetch_add(1, Relaxed);
-                    return Some(expiry);
+                    return Some(self.stamps.tick(expiry));
                 }
                 Forget::Absent => return None,
                 Forget::Frozen => drop(shard.migration.lock()),
@@ -510,6 +524,7 @@ impl ShardedSet {
     /// with anything expired, for [`crate::Engine::expire_now`].
     pub(crate) fn sweep(&self, now: Tick, min_interval: u32, force: bool) -> u64 {
         let before = self.reclaimed.expired.load(Relaxed);
+        let now = self.stamps.stamp(now);
         for shard in self.shards.iter() {
             if shard.next_expiry.load(Relaxed) > now.0 {
                 continue;
@@ -535,7 +550,7 @@ impl ShardedSet {
     /// Replace `expected` (if it is still the shard's table) with a new table
     /// holding its live entries.
     #[cold]
-    fn migrate(&self, shard: &Shard, expected: Shared<'_, Table>, now: Tick, guard: &Guard) {
+    fn migrate(&self, shard: &Shard, expected: Shared<'_, Table>, now: Stamp, guard: &Guard) {
         self.migrate_to(shard, expected, now, Sizing::Grow, guard)
     }
 
@@ -544,6 +559,7 @@ impl ShardedSet {
     /// allocated and pre-faulted on up to `threads` threads: for a large log
     /// the kernel zeroing their pages is a tenth of the replay.
     pub(crate) fn reserve(&self, keys: usize, now: Tick, threads: usize) {
+        let now = self.stamps.stamp(now);
         let n = self.shards.len();
         let mean = keys.div_ceil(n);
         let per_shard = mean + 4 * (mean as f64).sqrt() as usize;
@@ -577,7 +593,7 @@ impl ShardedSet {
         &self,
         shard: &Shard,
         expected: Shared<'_, Table>,
-        now: Tick,
+        now: Stamp,
         sizing: Sizing,
         guard: &Guard,
     ) {
@@ -616,7 +632,7 @@ impl ShardedSet {
         let mut at_limit = false;
         // At the ceiling with `EvictOldest`: the entries to keep, the
         // latest-expiring ones (the only case that needs them in hand).
-        let mut kept: Option<Vec<(Key, Tick)>> = None;
+        let mut kept: Option<Vec<(Key, Stamp)>> = None;
         if let Some(limit) = self.slot_limit {
             if slots >= limit {
                 slots = limit;
@@ -641,9 +657,9 @@ impl ShardedSet {
         // The migration and the inserts after it touch every page of the
         // new table; have them written in one call (see Table::prefault).
         new.prefault();
-        let mut earliest = Tick::MAX;
+        let mut earliest = Stamp::MAX;
         *copied = Copied::start(now, latest);
-        let mut put = |key: Key, expiry: Tick| {
+        let mut put = |key: Key, expiry: Stamp| {
             let inserted = new.insert_unshared(key, expiry);
             debug_assert!(inserted, "migration target has room by construction");
             earliest = earliest.min(expiry);
@@ -742,6 +758,7 @@ mod tests {
             capacity_hint: 0,
             memory_limit: None,
             policy: MemoryPolicy::Reject,
+            start: Tick(100),
         })
     }
 

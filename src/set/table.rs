@@ -8,9 +8,10 @@
 //! ```text
 //! tag  : u64   0 = EMPTY, 1 = FROZEN (empty, table is migrating), else the
 //!              fingerprint's low 64 bits (0 and 1 remapped to 2 and 3)
-//! word : u64   bits 63..32  check: the fingerprint's high word, low 32 bits
-//!              bit  31      MOVED: the table is migrating, word is final
-//!              bits 30..0   expiry tick (1 = forgotten); 0 = PENDING
+//! word : u64   bits 63..30  check: the low 34 bits of the fingerprint's
+//!                           high word
+//!              bit  29      MOVED: the table is migrating, word is final
+//!              bits 28..0   expiry stamp (1 = forgotten); 0 = PENDING
 //! ```
 //!
 //! * **Claim**: CAS `tag` EMPTY → tag, then store `word`. Between the two a
@@ -33,11 +34,11 @@
 //!   and retries on the new table. Readers keep reading: frozen contents are
 //!   still correct.
 //!
-//! In memory a key is compared on 64 + 32 bits plus the shard-index bits:
-//! 102 bits with the default 64 shards, 104 with 256. With 10^9 live keys a
-//! new id is mistaken for a duplicate with probability about 2·10^-22 per
-//! event (5·10^-23 at 256 shards); the full 128 bits are kept in the log.
-//! This is what buys 16-byte slots.
+//! In memory a key is compared on 64 + 34 bits plus the shard-index bits:
+//! 104 bits with the default 64 shards, 106 with 256. With 10^9 live keys a
+//! new id is mistaken for a duplicate with probability about 5·10^-23 per
+//! event; the full 128 bits are kept in the log. This is what buys 16-byte
+//! slots, and why an expiry is kept in 29 bits (see [`Stamp`]).
 
 use crossbeam_utils::CachePadded;
 
@@ -49,18 +50,83 @@ use crate::ttl::Tick;
 const EMPTY: u64 = 0;
 const FROZEN: u64 = 1;
 const PENDING: u64 = 0;
-const MOVED: u64 = 1 << 31;
+const STAMP_BITS: u32 = 29;
+const MOVED: u64 = 1 << STAMP_BITS;
 const EXPIRY_MASK: u64 = MOVED - 1;
+const CHECK_SHIFT: u32 = STAMP_BITS + 1;
+/// Bits of the fingerprint's high word a slot keeps.
+const CHECK_BITS: u32 = 64 - CHECK_SHIFT;
+
+/// An instant as a slot holds it: seconds since the set's [`Stamps`] base,
+/// in 29 bits. 0 and 1 mean what they mean for a [`Tick`] (reserved, and
+/// forgotten); the two stamps above [`Stamp::MAX`] are the in-flight ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stamp(pub u32);
+
+impl Stamp {
+    /// Marks a forgotten entry; earlier than every real instant.
+    pub(crate) const DEAD: Stamp = Stamp(1);
+    /// Earliest real instant.
+    pub(crate) const MIN_LIVE: Stamp = Stamp(2);
+    /// Latest real instant: about 17 years after the base.
+    pub(crate) const MAX: Stamp = Stamp((1 << STAMP_BITS) - 3);
+}
+
+/// Maps a set's [`Tick`]s to the [`Stamp`]s its slots hold and back.
+///
+/// Ticks count from 2020 in 31 bits; a slot has 29 bits for an expiry, so
+/// stamps count from a base four years before the set was made. That
+/// leaves four years for the wall clock to step back and about thirteen
+/// ahead: an expiry later than that is held as [`Stamp::MAX`] (in memory
+/// only: the log keeps the tick), a clock stepped back further reads as
+/// the base. Both are far outside any TTL a dedup window uses.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stamps {
+    base: u32,
+}
+
+impl Stamps {
+    const BACK: u32 = 1 << 27;
+
+    pub(crate) fn starting_at(now: Tick) -> Stamps {
+        Stamps {
+            base: now.0.saturating_sub(Self::BACK),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn stamp(self, t: Tick) -> Stamp {
+        if t > Tick::MAX {
+            Stamp(t.0 - Tick::MAX.0 + Stamp::MAX.0) // in flight
+        } else if t < Tick::MIN_LIVE {
+            Stamp(t.0)
+        } else {
+            let s = t.0.saturating_sub(self.base);
+            Stamp(s.clamp(Stamp::MIN_LIVE.0, Stamp::MAX.0))
+        }
+    }
+
+    #[inline]
+    pub(crate) fn tick(self, s: Stamp) -> Tick {
+        if s > Stamp::MAX {
+            Tick(s.0 - Stamp::MAX.0 + Tick::MAX.0)
+        } else if s < Stamp::MIN_LIVE {
+            Tick(s.0)
+        } else {
+            Tick((s.0 + self.base).min(Tick::MAX.0))
+        }
+    }
+}
 /// The expiry of a claim whose work is running; see the slot protocol.
 #[cfg_attr(not(feature = "guard"), allow(dead_code))]
-pub(crate) const IN_FLIGHT: Tick = Tick(Tick::MAX.0 + 1);
+pub(crate) const IN_FLIGHT: Stamp = Stamp(Stamp::MAX.0 + 1);
 /// [`IN_FLIGHT`], and someone waits to hear how it ends.
-pub(crate) const IN_FLIGHT_WAITED: Tick = Tick(Tick::MAX.0 + 2);
+pub(crate) const IN_FLIGHT_WAITED: Stamp = Stamp(Stamp::MAX.0 + 2);
 const _: () = assert!(IN_FLIGHT_WAITED.0 as u64 == EXPIRY_MASK);
 
 #[inline]
-fn in_flight(expiry: Tick) -> bool {
-    expiry > Tick::MAX
+fn in_flight(expiry: Stamp) -> bool {
+    expiry > Stamp::MAX
 }
 
 /// Slots per 64-byte cache line.
@@ -72,7 +138,7 @@ pub(crate) const SLOT_BYTES: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Key {
     tag: u64,
-    check: u32,
+    check: u64,
 }
 
 impl Key {
@@ -82,7 +148,7 @@ impl Key {
         Key {
             // 0 and 1 are reserved markers.
             tag: if lo < 2 { lo + 2 } else { lo },
-            check: fp.hi() as u32,
+            check: fp.hi() & ((1 << CHECK_BITS) - 1),
         }
     }
 }
@@ -147,14 +213,14 @@ pub(crate) struct Frozen {
     /// Entries dead by time (forgotten ones not counted).
     pub expired: usize,
     /// The latest real expiry among the live entries (`now` if none).
-    pub latest: Tick,
+    pub latest: Stamp,
 }
 
 /// What [`Table::forget`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Forget {
     /// Was live until the given expiry.
-    Forgotten(Tick),
+    Forgotten(Stamp),
     Absent,
     Frozen,
 }
@@ -262,7 +328,7 @@ impl Table {
 
     /// Insert-if-absent. `expiry` must be > `now`.
     #[inline]
-    pub(crate) fn insert(&self, key: Key, now: Tick, expiry: Tick, writers: Writers) -> Insert {
+    pub(crate) fn insert(&self, key: Key, now: Stamp, expiry: Stamp, writers: Writers) -> Insert {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
@@ -304,7 +370,7 @@ impl Table {
                     if writers == Writers::One {
                         slot.word.store(pack(key.check, expiry), Relaxed);
                         return Insert::Revived {
-                            was_forgotten: old == Tick::DEAD,
+                            was_forgotten: old == Stamp::DEAD,
                         };
                     }
                     match slot
@@ -313,7 +379,7 @@ impl Table {
                     {
                         Ok(_) => {
                             return Insert::Revived {
-                                was_forgotten: old == Tick::DEAD,
+                                was_forgotten: old == Stamp::DEAD,
                             }
                         }
                         Err(actual) => word = actual,
@@ -326,7 +392,7 @@ impl Table {
     }
 
     #[cfg(test)]
-    fn insert_many(&self, key: Key, now: Tick, expiry: Tick) -> Insert {
+    fn insert_many(&self, key: Key, now: Stamp, expiry: Stamp) -> Insert {
         self.insert(key, now, expiry, Writers::Many)
     }
 
@@ -341,7 +407,7 @@ impl Table {
 
     /// Is `key` live at `now`? Never waits.
     #[inline]
-    pub(crate) fn contains(&self, key: Key, now: Tick) -> bool {
+    pub(crate) fn contains(&self, key: Key, now: Stamp) -> bool {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
@@ -392,7 +458,7 @@ impl Table {
     }
 
     /// Mark `key` dead if it is live.
-    pub(crate) fn forget(&self, key: Key, now: Tick) -> Forget {
+    pub(crate) fn forget(&self, key: Key, now: Stamp) -> Forget {
         self.probe(key, Forget::Absent, Forget::Frozen, |slot, mut word| {
             while word_check(word) == key.check {
                 if word_expiry(word) <= now {
@@ -401,7 +467,7 @@ impl Table {
                 if word & MOVED != 0 {
                     return Some(Forget::Frozen);
                 }
-                let dead = pack(key.check, Tick::DEAD);
+                let dead = pack(key.check, Stamp::DEAD);
                 match slot.word.compare_exchange(word, dead, AcqRel, Acquire) {
                     Ok(_) => return Some(Forget::Forgotten(word_expiry(word))),
                     Err(actual) => word = actual,
@@ -412,10 +478,10 @@ impl Table {
     }
 
     /// Move an in-flight claim of `key` to `to`: its real expiry, or
-    /// [`Tick::DEAD`] to release it, or [`IN_FLIGHT_WAITED`] to ask to be
+    /// [`Stamp::DEAD`] to release it, or [`IN_FLIGHT_WAITED`] to ask to be
     /// told how it ends (which leaves an already waited claim as it is).
     #[cfg_attr(not(feature = "guard"), allow(dead_code))]
-    pub(crate) fn settle(&self, key: Key, to: Tick) -> Settle {
+    pub(crate) fn settle(&self, key: Key, to: Stamp) -> Settle {
         self.probe(
             key,
             Settle::NotInFlight,
@@ -447,7 +513,7 @@ impl Table {
     /// Freeze every slot so no writer can change this table again, and
     /// count what it holds at `now`. [`Table::frozen_live`] then hands
     /// out the live entries.
-    pub(crate) fn freeze(&self, now: Tick) -> Frozen {
+    pub(crate) fn freeze(&self, now: Stamp) -> Frozen {
         let mut frozen = Frozen {
             live: 0,
             expired: 0,
@@ -470,7 +536,7 @@ impl Table {
                 if !in_flight(expiry) {
                     frozen.latest = frozen.latest.max(expiry);
                 }
-            } else if expiry != Tick::DEAD {
+            } else if expiry != Stamp::DEAD {
                 frozen.expired += 1;
             }
         }
@@ -481,7 +547,7 @@ impl Table {
     /// [`Table::freeze`] froze (so nothing in it changes): plain loads, no
     /// read-modify-writes. With the same `now` it yields exactly the
     /// entries the freeze counted as live.
-    pub(crate) fn frozen_live(&self, now: Tick, mut keep: impl FnMut(Key, Tick)) {
+    pub(crate) fn frozen_live(&self, now: Stamp, mut keep: impl FnMut(Key, Stamp)) {
         for i in 0..self.slots {
             let slot = self.slot(i);
             let tag = slot.tag.load(Acquire);
@@ -505,7 +571,7 @@ impl Table {
     /// plain stores, no read-modify-writes. The caller publishes the table
     /// with a release store, which orders these writes before any reader.
     /// Returns false if the table has no free slot.
-    pub(crate) fn insert_unshared(&self, key: Key, expiry: Tick) -> bool {
+    pub(crate) fn insert_unshared(&self, key: Key, expiry: Stamp) -> bool {
         let mut i = self.home(key.tag);
         for _ in 0..self.slots {
             let slot = self.slot(i);
@@ -523,18 +589,18 @@ impl Table {
 }
 
 #[inline]
-fn pack(check: u32, expiry: Tick) -> u64 {
-    ((check as u64) << 32) | expiry.0 as u64
+fn pack(check: u64, expiry: Stamp) -> u64 {
+    (check << CHECK_SHIFT) | expiry.0 as u64
 }
 
 #[inline]
-fn word_check(word: u64) -> u32 {
-    (word >> 32) as u32
+fn word_check(word: u64) -> u64 {
+    word >> CHECK_SHIFT
 }
 
 #[inline]
-fn word_expiry(word: u64) -> Tick {
-    Tick((word & EXPIRY_MASK) as u32)
+fn word_expiry(word: u64) -> Stamp {
+    Stamp((word & EXPIRY_MASK) as u32)
 }
 
 /// Tables this large are 2 MiB-aligned and asked to live on huge pages:
@@ -691,17 +757,17 @@ mod tests {
     fn insert_then_duplicate_then_expire_then_revive() {
         let t = Table::new(64, 0.8, false);
         let k = key(1);
-        assert_eq!(t.insert_many(k, Tick(10), Tick(20)), Insert::Claimed);
-        assert_eq!(t.insert_many(k, Tick(10), Tick(20)), Insert::Duplicate);
-        assert!(t.contains(k, Tick(19)));
-        assert!(!t.contains(k, Tick(20)));
+        assert_eq!(t.insert_many(k, Stamp(10), Stamp(20)), Insert::Claimed);
+        assert_eq!(t.insert_many(k, Stamp(10), Stamp(20)), Insert::Duplicate);
+        assert!(t.contains(k, Stamp(19)));
+        assert!(!t.contains(k, Stamp(20)));
         assert_eq!(
-            t.insert_many(k, Tick(20), Tick(30)),
+            t.insert_many(k, Stamp(20), Stamp(30)),
             Insert::Revived {
                 was_forgotten: false
             }
         );
-        assert!(t.contains(k, Tick(29)));
+        assert!(t.contains(k, Stamp(29)));
     }
 
     #[test]
@@ -716,12 +782,12 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let k = key((x % 300) as u128);
-            let now = Tick(10 + step / 50);
+            let now = Stamp(10 + step / 50);
             if x % 11 == 0 {
                 assert_eq!(many.forget(k, now), one.forget(k, now), "step {step}");
                 continue;
             }
-            let expiry = Tick(now.0 + 1 + (x % 7) as u32);
+            let expiry = Stamp(now.0 + 1 + (x % 7) as u32);
             assert_eq!(
                 many.insert(k, now, expiry, Writers::Many),
                 one.insert(k, now, expiry, Writers::One),
@@ -735,13 +801,13 @@ mod tests {
     fn forget_then_revive() {
         let t = Table::new(64, 0.8, false);
         let k = key(7);
-        assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
-        t.insert_many(k, Tick(10), Tick(20));
-        assert_eq!(t.forget(k, Tick(10)), Forget::Forgotten(Tick(20)));
-        assert_eq!(t.forget(k, Tick(10)), Forget::Absent);
-        assert!(!t.contains(k, Tick(10)));
+        assert_eq!(t.forget(k, Stamp(10)), Forget::Absent);
+        t.insert_many(k, Stamp(10), Stamp(20));
+        assert_eq!(t.forget(k, Stamp(10)), Forget::Forgotten(Stamp(20)));
+        assert_eq!(t.forget(k, Stamp(10)), Forget::Absent);
+        assert!(!t.contains(k, Stamp(10)));
         assert_eq!(
-            t.insert_many(k, Tick(10), Tick(20)),
+            t.insert_many(k, Stamp(10), Stamp(20)),
             Insert::Revived {
                 was_forgotten: true
             }
@@ -753,10 +819,54 @@ mod tests {
         let t = Table::new(64, 0.8, false);
         let a = Key { tag: 99, check: 1 };
         let b = Key { tag: 99, check: 2 };
-        assert_eq!(t.insert_many(a, Tick(5), Tick(9)), Insert::Claimed);
-        assert!(!t.contains(b, Tick(5)));
-        assert_eq!(t.insert_many(b, Tick(5), Tick(9)), Insert::Claimed);
-        assert!(t.contains(a, Tick(5)) && t.contains(b, Tick(5)));
+        assert_eq!(t.insert_many(a, Stamp(5), Stamp(9)), Insert::Claimed);
+        assert!(!t.contains(b, Stamp(5)));
+        assert_eq!(t.insert_many(b, Stamp(5), Stamp(9)), Insert::Claimed);
+        assert!(t.contains(a, Stamp(5)) && t.contains(b, Stamp(5)));
+    }
+
+    #[test]
+    fn a_slot_checks_34_bits_of_the_high_word() {
+        // Fingerprints equal in the low 64 bits and in the high word's low
+        // 33 bits: only the 34th check bit tells them apart.
+        let t = Table::new(64, 0.8, false);
+        let a = Key::new(Fingerprint(99 | 5 << 64));
+        let b = Key::new(Fingerprint(99 | (5 | 1 << 33) << 64));
+        assert_eq!(t.insert_many(a, Stamp(5), Stamp::MAX), Insert::Claimed);
+        assert!(!t.contains(b, Stamp(5)));
+        assert_eq!(t.insert_many(b, Stamp(5), Stamp::MAX), Insert::Claimed);
+        assert!(t.contains(a, Stamp(5)) && t.contains(b, Stamp(5)));
+        // The largest stamp leaves the check intact.
+        assert_eq!(t.forget(b, Stamp(6)), Forget::Forgotten(Stamp::MAX));
+        assert!(t.contains(a, Stamp(6)) && !t.contains(b, Stamp(6)));
+    }
+
+    #[test]
+    fn stamps_map_ticks_both_ways_and_clamp_outside_their_range() {
+        let now = Tick(200_000_000); // 2026
+        let stamps = Stamps::starting_at(now);
+        for t in [now, Tick(now.0 + 3600), Tick(now.0 - 86_400 * 365)] {
+            assert_eq!(stamps.tick(stamps.stamp(t)), t);
+        }
+        // Reserved and in-flight ticks keep their meaning.
+        for t in [
+            Tick(0),
+            Tick::DEAD,
+            Tick(Tick::MAX.0 + 1),
+            Tick(Tick::MAX.0 + 2),
+        ] {
+            assert_eq!(stamps.tick(stamps.stamp(t)), t);
+        }
+        assert_eq!(stamps.stamp(Tick(Tick::MAX.0 + 1)), IN_FLIGHT);
+        assert_eq!(stamps.stamp(Tick(Tick::MAX.0 + 2)), IN_FLIGHT_WAITED);
+        // Beyond the range: the latest stamp, and the earliest live one.
+        assert_eq!(stamps.stamp(Tick::MAX), Stamp::MAX);
+        assert_eq!(stamps.stamp(Tick::MIN_LIVE), Stamp::MIN_LIVE);
+        // Order is kept, so "expiry > now" reads the same on stamps.
+        let (a, b) = (Tick(now.0 + 10), Tick(now.0 + 11));
+        assert!(stamps.stamp(a) < stamps.stamp(b));
+        // Near the 2020 epoch the base is 0 and stamps are ticks.
+        assert_eq!(Stamps::starting_at(Tick(100)).stamp(Tick(150)), Stamp(150));
     }
 
     #[test]
@@ -769,31 +879,37 @@ mod tests {
     fn full_table_reports_full_not_new() {
         let t = Table::new(4, 1.0, false);
         for n in 0..4 {
-            assert_eq!(t.insert_many(key(n), Tick(5), Tick(9)), Insert::Claimed);
+            assert_eq!(t.insert_many(key(n), Stamp(5), Stamp(9)), Insert::Claimed);
         }
-        assert_eq!(t.insert_many(key(100), Tick(5), Tick(9)), Insert::Full);
-        assert_eq!(t.insert_many(key(2), Tick(5), Tick(9)), Insert::Duplicate);
+        assert_eq!(t.insert_many(key(100), Stamp(5), Stamp(9)), Insert::Full);
+        assert_eq!(t.insert_many(key(2), Stamp(5), Stamp(9)), Insert::Duplicate);
     }
 
     #[test]
     fn freeze_drains_live_and_blocks_writers() {
         let t = Table::new(64, 0.8, false);
         for n in 0..10 {
-            t.insert_many(key(n), Tick(5), Tick(if n < 4 { 6 } else { 50 }));
+            t.insert_many(key(n), Stamp(5), Stamp(if n < 4 { 6 } else { 50 }));
         }
-        t.forget(key(9), Tick(5));
-        let frozen = t.freeze(Tick(10));
+        t.forget(key(9), Stamp(5));
+        let frozen = t.freeze(Stamp(10));
         let mut kept = Vec::new();
-        t.frozen_live(Tick(10), |k, e| kept.push((k, e)));
+        t.frozen_live(Stamp(10), |k, e| kept.push((k, e)));
         assert_eq!((frozen.live, kept.len()), (5, 5));
         assert_eq!(frozen.expired, 4);
-        assert_eq!(frozen.latest, Tick(50));
-        assert_eq!(t.insert_many(key(1000), Tick(10), Tick(50)), Insert::Frozen);
+        assert_eq!(frozen.latest, Stamp(50));
+        assert_eq!(
+            t.insert_many(key(1000), Stamp(10), Stamp(50)),
+            Insert::Frozen
+        );
         // An expired key cannot be revived in a frozen table either.
-        assert_eq!(t.insert_many(key(0), Tick(10), Tick(50)), Insert::Frozen);
+        assert_eq!(t.insert_many(key(0), Stamp(10), Stamp(50)), Insert::Frozen);
         // Live keys still answer.
-        assert_eq!(t.insert_many(key(5), Tick(10), Tick(50)), Insert::Duplicate);
-        assert!(t.contains(key(5), Tick(10)));
-        assert_eq!(t.forget(key(5), Tick(10)), Forget::Frozen);
+        assert_eq!(
+            t.insert_many(key(5), Stamp(10), Stamp(50)),
+            Insert::Duplicate
+        );
+        assert!(t.contains(key(5), Stamp(10)));
+        assert_eq!(t.forget(key(5), Stamp(10)), Forget::Frozen);
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! # How expiry works
 //!
-//! Every entry in the set carries its own expiry instant (31 bits of
-//! seconds, see [`Tick`]). A lookup compares it with the current tick, so an
+//! Every entry in the set carries its own expiry instant (a [`Tick`], held
+//! in a slot as 29 bits of seconds from the set's start). A lookup compares it with the current tick, so an
 //! expired entry is *logically* gone the moment its time passes, whatever
 //! the reclaimer is doing. That keeps answers exact without any per-key
 //! timer structure (a timer-wheel node per key would cost more memory than
