@@ -243,6 +243,39 @@ fn expiry_reclaims_memory_and_counts() {
 }
 
 #[test]
+fn marks_hold_across_clock_steps_and_long_ttls() {
+    // In memory an expiry is a stamp counted from four years before the
+    // engine opened: a clock stepped back by years, and a TTL of years,
+    // must both still read as the ticks they are.
+    const YEAR: u64 = 365 * 86_400;
+    let clock = Arc::new(ManualClock::new(START));
+    let engine = Engine::builder()
+        .ttl(Duration::from_secs(3600))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    assert_eq!(engine.check_and_insert("a").unwrap(), Verdict::New);
+    let decade = Duration::from_secs(10 * YEAR);
+    assert_eq!(
+        engine.check_and_insert_with_ttl("b", decade).unwrap(),
+        Verdict::New
+    );
+    clock.set(START - 3 * YEAR);
+    assert_eq!(engine.check_and_insert("a").unwrap(), Verdict::Duplicate);
+    // Marked while the clock is years behind: remembered all the same.
+    assert_eq!(engine.check_and_insert("c").unwrap(), Verdict::New);
+    assert_eq!(engine.check_and_insert("c").unwrap(), Verdict::Duplicate);
+    clock.set(START + 2 * 3600);
+    assert_eq!(engine.check_and_insert("a").unwrap(), Verdict::New);
+    clock.set(START + 9 * YEAR);
+    assert_eq!(engine.check_and_insert("b").unwrap(), Verdict::Duplicate);
+    assert!(engine.contains("b").unwrap());
+    clock.set(START + 10 * YEAR + 1);
+    assert!(!engine.contains("b").unwrap());
+    assert_eq!(engine.check_and_insert("b").unwrap(), Verdict::New);
+}
+
+#[test]
 fn process_or_skip_shape() {
     let engine = Engine::builder().build().unwrap();
     assert!(engine.process_or_skip("a"));
