@@ -282,8 +282,15 @@ impl ShardedSet {
                         at_limit = true;
                     }
                 }
+                let table = Table::new(slots, MAX_LOAD, at_limit);
+                if config.capacity_hint != 0 {
+                    // Sized for the ids to come: have its pages written now
+                    // (see Table::prefault), not faulted in one by one, each
+                    // fault a TLB shootdown, by the first inserts.
+                    table.prefault();
+                }
                 CachePadded::new(Shard {
-                    table: Atomic::new(Table::new(slots, MAX_LOAD, at_limit)),
+                    table: Atomic::new(table),
                     next_expiry: AtomicU32::new(Stamp::MAX.0),
                     last_sweep: AtomicU32::new(0),
                     migration: Mutex::new(Copied::default()),
