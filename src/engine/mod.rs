@@ -19,6 +19,7 @@ use crate::ttl::clock::Clock;
 use crate::ttl::Tick;
 use crate::wal::RecoveryReport;
 
+mod batch;
 mod builder;
 mod durable;
 mod replay;
@@ -413,7 +414,14 @@ impl Engine {
     /// window overlap instead of queueing.
     ///
     /// On [`Error::CapacityExceeded`] the verdicts of the ids before the
-    /// refused one are in `out`; the rest were not marked.
+    /// refused one are in `out`; the rest were not marked. On any other
+    /// error `out` holds the verdicts of a prefix of `ids`.
+    ///
+    /// An id whose shard is being migrated (grown, swept) when its turn
+    /// comes is decided at the end of the batch, after the ids of other
+    /// shards, rather than waited for; the ids of one shard are always
+    /// decided in order, so the verdicts are those of deciding the batch
+    /// in order.
     pub fn check_and_insert_batch_into<I: AsRef<[u8]>>(
         &self,
         ids: &[I],
@@ -433,75 +441,6 @@ impl Engine {
         out: &mut Vec<Verdict>,
     ) -> Result<()> {
         self.insert_batch(fps.iter().copied(), fps.len(), out)
-    }
-
-    fn insert_batch(
-        &self,
-        fps: impl Iterator<Item = Fingerprint>,
-        len: usize,
-        out: &mut Vec<Verdict>,
-    ) -> Result<()> {
-        // Small batches collect their new marks in a small stack buffer.
-        if len <= BATCH_WINDOW {
-            self.insert_batch_in::<BATCH_WINDOW>(fps, len, out)
-        } else {
-            self.insert_batch_in::<{ durable::LOG_CHUNK }>(fps, len, out)
-        }
-    }
-
-    fn insert_batch_in<const N: usize>(
-        &self,
-        fps: impl Iterator<Item = Fingerprint>,
-        len: usize,
-        out: &mut Vec<Verdict>,
-    ) -> Result<()> {
-        out.reserve(len);
-        let guard = &epoch::pin();
-        let now = self.inner.now();
-        let expiry = self.expiry(now, self.inner.ttl);
-        let mut tally = Tally::new(self);
-        // New marks are logged a chunk at a time, not a window at a time:
-        // one reservation and one write per chunk (a system call each under
-        // `Sync`).
-        let mut fresh = [PendingMark {
-            fingerprint: Fingerprint(0),
-            expiry: FORGOTTEN_AT_ONCE,
-        }; N];
-        let mut n_fresh = 0;
-        let call = self.inner.durable.as_ref().and_then(|d| d.open_call());
-        let logged = expiry.is_some();
-        let log = |fresh: &[PendingMark]| match &self.inner.durable {
-            Some(d) if logged && !fresh.is_empty() => {
-                d.append(&self.inner.set, fresh, now, guard).map(|_| ())
-            }
-            _ => Ok(()),
-        };
-        // The table line of the id BATCH_WINDOW ahead is requested (and
-        // that id hashed) while this one is inserted, so every miss has a
-        // window's worth of inserts to land.
-        for fp in self.inner.set.prefetched::<BATCH_WINDOW, _>(fps, guard) {
-            if n_fresh == fresh.len() {
-                log(&fresh[..n_fresh])?;
-                n_fresh = 0;
-            }
-            match self.mark_in_memory(fp, now, expiry, guard, &mut tally) {
-                Ok(Deferred::New(mark)) => {
-                    fresh[n_fresh] = mark;
-                    n_fresh += 1;
-                    out.push(Verdict::New);
-                }
-                Ok(Deferred::Duplicate) => out.push(Verdict::Duplicate),
-                Err(e) => {
-                    // The verdicts already given stand: log their marks.
-                    log(&fresh[..n_fresh])?;
-                    return Err(e);
-                }
-            }
-        }
-        log(&fresh[..n_fresh])?;
-        drop(call);
-        // One group commit for the whole batch, covering its duplicates too.
-        self.settle_duplicate(guard)
     }
 
     /// Check and mark `id` in memory only, without logging it yet. For

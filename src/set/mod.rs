@@ -315,9 +315,33 @@ impl ShardedSet {
 
     #[inline]
     fn shard(&self, fp: Fingerprint) -> &Shard {
+        &self.shards[self.shard_index(fp)]
+    }
+
+    /// The index of `fp`'s shard.
+    #[inline]
+    pub(crate) fn shard_index(&self, fp: Fingerprint) -> usize {
         // `checked_shr` because one shard means a shift by 64.
-        let i = fp.hi().checked_shr(self.shard_shift).unwrap_or(0) as usize;
-        &self.shards[i]
+        fp.hi().checked_shr(self.shard_shift).unwrap_or(0) as usize
+    }
+
+    /// Is shard `i`'s table being replaced (grown, swept) right now? An
+    /// insert there waits for the new table.
+    #[inline]
+    pub(crate) fn migrating(&self, i: usize) -> bool {
+        self.shards[i].migration.is_locked()
+    }
+
+    /// Has the set a memory ceiling (so an insert may be refused)?
+    pub(crate) fn has_ceiling(&self) -> bool {
+        self.slot_limit.is_some()
+    }
+
+    /// Hold shard `i` as a migration does, for tests of callers that
+    /// avoid waiting for one.
+    #[cfg(test)]
+    pub(crate) fn hold_migration(&self, i: usize) -> impl Drop + '_ {
+        self.shards[i].migration.lock()
     }
 
     #[inline]
