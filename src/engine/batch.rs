@@ -1,7 +1,8 @@
 //! The batch insert path.
 //!
-//! Ids are hashed and their table lines prefetched a window ahead (see
-//! [`ShardedSet::prefetched`]); new marks are logged a chunk at a time;
+//! Ids are hashed a run at a time ([`Hashed`]) and their table lines
+//! prefetched a window ahead (see [`ShardedSet::prefetched`]); new marks
+//! are logged a chunk at a time;
 //! and an id whose shard is being migrated is decided at the end of the
 //! batch instead of waited for, so the thread keeps inserting into the
 //! other shards meanwhile. (Growing from empty, a thread that met a
@@ -13,7 +14,7 @@ use crossbeam_epoch::{self as epoch, Guard};
 use super::durable::{self, FORGOTTEN_AT_ONCE};
 use super::{Deferred, Engine, PendingMark, Tally, BATCH_WINDOW};
 use crate::error::Result;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::set::{ShardedSet, Verdict};
 use crate::ttl::Tick;
 
@@ -87,6 +88,53 @@ impl Engine {
         drop(call);
         // One group commit for the whole batch, covering its duplicates too.
         self.settle_duplicate(guard)
+    }
+}
+
+/// Ids' fingerprints, computed `HASHED` at a time: a run of hashes is
+/// arithmetic alone, which keeps the core busy while the table lines
+/// requested before it are on their way.
+pub(super) struct Hashed<'a, I> {
+    ids: std::slice::Iter<'a, I>,
+    fingerprinter: &'a Fingerprinter,
+    buf: [Fingerprint; HASHED],
+    at: usize,
+    len: usize,
+}
+
+const HASHED: usize = 32;
+
+impl<'a, I: AsRef<[u8]>> Hashed<'a, I> {
+    pub(super) fn new(ids: &'a [I], fingerprinter: &'a Fingerprinter) -> Self {
+        Hashed {
+            ids: ids.iter(),
+            fingerprinter,
+            buf: [Fingerprint(0); HASHED],
+            at: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<I: AsRef<[u8]>> Iterator for Hashed<'_, I> {
+    type Item = Fingerprint;
+
+    #[inline]
+    fn next(&mut self) -> Option<Fingerprint> {
+        if self.at == self.len {
+            self.at = 0;
+            self.len = 0;
+            for (slot, id) in self.buf.iter_mut().zip(self.ids.by_ref()) {
+                *slot = self.fingerprinter.fingerprint(id.as_ref());
+                self.len += 1;
+            }
+            if self.len == 0 {
+                return None;
+            }
+        }
+        let fp = self.buf[self.at];
+        self.at += 1;
+        Some(fp)
     }
 }
 
