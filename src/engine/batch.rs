@@ -2,10 +2,9 @@
 //!
 //! Ids are hashed a run at a time ([`Hashed`]) and their table lines
 //! prefetched a window ahead (see [`ShardedSet::prefetched`]); new marks
-//! are logged a chunk at a time;
-//! and an id whose shard is being migrated is decided at the end of the
-//! batch instead of waited for, so the thread keeps inserting into the
-//! other shards meanwhile. (Growing from empty, a thread that met a
+//! are logged a chunk at a time; and an id whose shard is being migrated
+//! is decided at the end of the batch instead of waited for, so the
+//! thread keeps inserting into the other shards meanwhile. (Growing from empty, a thread that met a
 //! migration waited for it, a millisecond per shard at 10M keys: the two
 //! threads of `batch_probe` were busy ~150 % of 200.)
 
@@ -60,9 +59,9 @@ impl Engine {
         // must then be left unmarked: decide in order there.
         let mut waiting = Waiting::new(!set.has_ceiling());
         let decide_all = || -> Result<()> {
-            // The table line of the id BATCH_WINDOW ahead is requested (and
-            // that id hashed) while this one is inserted, so every miss has
-            // a window's worth of inserts to land.
+            // The table line of the id BATCH_WINDOW ahead is requested
+            // while this one is inserted, so every miss has a window's
+            // worth of inserts to land.
             for fp in set.prefetched::<BATCH_WINDOW, _>(fps, guard) {
                 let shard = set.shard_index(fp);
                 if waiting.must_wait(set, shard) {

@@ -8,7 +8,9 @@
 //! slot by slot, copy what is live into a new one, publish it, and retire the
 //! old one through the epoch collector. Only migrators take the shard's
 //! mutex; a writer that meets a frozen slot waits on that mutex for the
-//! (short, per-shard) migration to end. Readers never wait.
+//! (short, per-shard) migration to end (a batch sees the mutex held and
+//! decides that shard's ids last instead: `engine/batch.rs`). Readers
+//! never wait.
 
 // Unsafe here: dereferencing and retiring epoch-protected table pointers.
 #![allow(unsafe_code)]
