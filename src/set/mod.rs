@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 #[cfg(feature = "guard")]
 pub(crate) use table::Settle;
@@ -482,7 +482,7 @@ impl ShardedSet {
                         }
                     };
                     if occupied > table.max_occupied && !table.at_limit {
-                        self.migrate(shard, ptr, now, guard);
+                        self.migrate_unless_under_way(shard, ptr, now, guard);
                     }
                     return Ok(Inserted::New);
                 }
@@ -587,6 +587,23 @@ impl ShardedSet {
         self.migrate_to(shard, expected, now, Sizing::Grow, guard)
     }
 
+    /// [`ShardedSet::migrate`], unless the shard's table is being replaced
+    /// already: then an insert that filled it past its load has its slot
+    /// and need not wait. (Every insert past the load used to queue on the
+    /// migration's lock until the copy was done.)
+    #[cold]
+    fn migrate_unless_under_way(
+        &self,
+        shard: &Shard,
+        expected: Shared<'_, Table>,
+        now: Stamp,
+        guard: &Guard,
+    ) {
+        if let Some(copied) = shard.migration.try_lock() {
+            self.replace(shard, copied, expected, now, Sizing::Grow, guard);
+        }
+    }
+
     /// Make room for `keys` live keys in total, in one step per shard (used
     /// before replaying a log, so replay never migrates). The new tables are
     /// allocated and pre-faulted on up to `threads` threads: for a large log
@@ -630,11 +647,36 @@ impl ShardedSet {
         sizing: Sizing,
         guard: &Guard,
     ) {
-        let mut copied = shard.migration.lock();
+        self.replace(shard, shard.migration.lock(), expected, now, sizing, guard);
+    }
+
+    /// [`ShardedSet::migrate_to`] with the shard's migration lock held.
+    fn replace(
+        &self,
+        shard: &Shard,
+        mut copied: MutexGuard<'_, Copied>,
+        expected: Shared<'_, Table>,
+        now: Stamp,
+        sizing: Sizing,
+        guard: &Guard,
+    ) {
         let (ptr, old) = Self::current(shard, guard);
         if ptr != expected {
             return; // someone else already replaced it
         }
+        // A table that filled up (no ceiling): size its successor from
+        // what it holds, less what the last rebuild's count says has
+        // expired, and have the successor's pages written before freezing
+        // it. The kernel zeroing them (about as long as the copy) then
+        // overlaps writers still using the old table instead of keeping
+        // them waiting for the new one.
+        let early = (matches!(sizing, Sizing::Grow) && self.slot_limit.is_none()).then(|| {
+            let estimate = old.len().saturating_sub(copied.expired(now).0);
+            let slots = Self::slots_for(shard, old, estimate, sizing);
+            let table = Table::new(slots.max(room_for(estimate)), MAX_LOAD, false);
+            table.prefault();
+            table
+        });
         // Freeze and count first, then copy straight from the frozen table
         // (whose contents no longer change) into the new one: no staging
         // vector of every live entry, which cost a copy and, once freed,
@@ -648,20 +690,7 @@ impl ShardedSet {
         self.reclaimed.expired.fetch_add(expired as u64, Relaxed);
         self.reclaimed.rebuilds.fetch_add(1, Relaxed);
 
-        let old_slots = old.slots() as f64;
-        let live_f = live as f64;
-        let mut slots = match sizing {
-            Sizing::Fit if live_f < FIT_BELOW_LOAD * old_slots => {
-                ((live_f / FIT_LOAD) as usize).max(MIN_SLOTS)
-            }
-            _ if live_f > KEEP_SIZE_LOAD.0 * old_slots && live_f < KEEP_SIZE_LOAD.1 * old_slots => {
-                old.slots()
-            }
-            _ => shard.rung(live_f / GROW_TO_LOAD).max(MIN_SLOTS),
-        };
-        if let Sizing::AtLeast(min) = sizing {
-            slots = slots.max(min);
-        }
+        let mut slots = Self::slots_for(shard, old, live, sizing);
         let mut at_limit = false;
         // At the ceiling with `EvictOldest`: the entries to keep, the
         // latest-expiring ones (the only case that needs them in hand).
@@ -685,11 +714,30 @@ impl ShardedSet {
         }
         // Never drop a live entry for want of room (Reject may sit just
         // above the ceiling's load): the table always has a free slot.
-        slots = slots.max(live + live / 8 + SLOTS_PER_LINE_MIN);
-        let new = Table::new(slots, MAX_LOAD, at_limit);
-        // The migration and the inserts after it touch every page of the
-        // new table; have them written in one call (see Table::prefault).
-        new.prefault();
+        slots = slots.max(room_for(live));
+        // The estimate is usually right: the sizes are rungs ×1.55 apart.
+        let estimated_right = matches!(&early, Some(t) if t.slots() == Table::rounded(slots));
+        #[cfg(test)]
+        if early.is_some() {
+            tests::EARLY.with(|e| {
+                let (right, wrong) = e.get();
+                e.set((
+                    right + estimated_right as usize,
+                    wrong + !estimated_right as usize,
+                ));
+            });
+        }
+        let new = match early {
+            Some(table) if estimated_right => table,
+            _ => {
+                let table = Table::new(slots, MAX_LOAD, at_limit);
+                // The migration and the inserts after it touch every page
+                // of the new table; have them written in one call (see
+                // Table::prefault).
+                table.prefault();
+                table
+            }
+        };
         let mut earliest = Stamp::MAX;
         *copied = Copied::start(now, latest);
         let mut put = |key: Key, expiry: Stamp| {
@@ -709,6 +757,26 @@ impl ShardedSet {
         // is never handed out again; readers that still hold it are pinned.
         unsafe { guard.defer_destroy(ptr) };
         guard.flush();
+    }
+
+    /// The size of the table to replace `old` with, for `live` entries
+    /// (before a memory ceiling and the room floor).
+    fn slots_for(shard: &Shard, old: &Table, live: usize, sizing: Sizing) -> usize {
+        let old_slots = old.slots() as f64;
+        let live_f = live as f64;
+        let slots = match sizing {
+            Sizing::Fit if live_f < FIT_BELOW_LOAD * old_slots => {
+                ((live_f / FIT_LOAD) as usize).max(MIN_SLOTS)
+            }
+            _ if live_f > KEEP_SIZE_LOAD.0 * old_slots && live_f < KEEP_SIZE_LOAD.1 * old_slots => {
+                old.slots()
+            }
+            _ => shard.rung(live_f / GROW_TO_LOAD).max(MIN_SLOTS),
+        };
+        match sizing {
+            Sizing::AtLeast(min) => slots.max(min),
+            _ => slots,
+        }
     }
 
     /// Entries not forgotten (expired ones count until swept).
@@ -732,6 +800,11 @@ impl ShardedSet {
 }
 
 const SLOTS_PER_LINE_MIN: usize = table::SLOTS_PER_LINE;
+
+/// The fewest slots a table holding `live` entries may have.
+fn room_for(live: usize) -> usize {
+    live + live / 8 + SLOTS_PER_LINE_MIN
+}
 
 /// See [`ShardedSet::prefetched`]: a ring of the next `W` fingerprints,
 /// whose lines are already on their way.
@@ -801,6 +874,74 @@ mod tests {
 
     fn rebuilds(set: &ShardedSet) -> u64 {
         set.reclaimed.rebuilds.load(Relaxed)
+    }
+
+    thread_local! {
+        /// Tables made before the freeze of a growth on this thread:
+        /// (sized right and used, sized wrong and dropped).
+        pub(super) static EARLY: std::cell::Cell<(usize, usize)> =
+            const { std::cell::Cell::new((0, 0)) };
+    }
+
+    #[test]
+    fn a_growing_set_sizes_its_next_table_before_the_freeze() {
+        let set = one_shard();
+        let guard = &epoch::pin();
+        let before = EARLY.with(|e| e.get());
+        for i in 0..100_000 {
+            let verdict = set.insert(fp(i), Tick(100), Tick(1000), guard).unwrap();
+            assert_eq!(verdict, Verdict::New);
+        }
+        let (right, wrong) = EARLY.with(|e| e.get());
+        let grown = rebuilds(&set);
+        assert!(grown >= 10, "{grown}");
+        assert_eq!((right - before.0, wrong - before.1), (grown as usize, 0));
+        for i in 0..100_000 {
+            assert!(set.contains(fp(i), Tick(100), guard), "{i}");
+        }
+        // Keys that expire uncounted by any rebuild (inserted after the
+        // last one): the estimate is too high, the table made early is the
+        // wrong size and dropped, and nothing is lost.
+        for i in 100_000..130_000 {
+            let verdict = set.insert(fp(i), Tick(100), Tick(1000), guard).unwrap();
+            assert_eq!(verdict, Verdict::New);
+        }
+        for i in 130_000..200_000 {
+            let verdict = set.insert(fp(i), Tick(2000), Tick(3000), guard).unwrap();
+            assert_eq!(verdict, Verdict::New);
+        }
+        let (_, wrong) = EARLY.with(|e| e.get());
+        assert!(wrong > before.1, "no estimate was wrong");
+        for i in 0..200_000 {
+            assert_eq!(set.contains(fp(i), Tick(2000), guard), i >= 130_000, "{i}");
+        }
+    }
+
+    #[test]
+    fn an_insert_past_the_load_does_not_wait_for_a_migration_under_way() {
+        let set = one_shard();
+        let guard = &epoch::pin();
+        let (slots, max) = {
+            let (_, table) = ShardedSet::current(&set.shards[0], guard);
+            (table.slots(), table.max_occupied)
+        };
+        // This thread holds the migration lock, as a migration under way
+        // does: inserts past the load go on (waiting would deadlock here).
+        let held = set.hold_migration(0);
+        for i in 0..(max + (slots - max) / 2) as u64 {
+            assert_eq!(
+                set.insert(fp(i), Tick(100), Tick(1000), guard).unwrap(),
+                Verdict::New
+            );
+        }
+        assert_eq!(rebuilds(&set), 0);
+        drop(held);
+        let next = (slots as u64) * 2;
+        assert_eq!(
+            set.insert(fp(next), Tick(100), Tick(1000), guard).unwrap(),
+            Verdict::New
+        );
+        assert_eq!(rebuilds(&set), 1);
     }
 
     #[test]

@@ -264,10 +264,15 @@ impl Table {
         }
     }
 
+    /// The slots a table asked for `slots` gets: whole cache lines.
+    pub(crate) fn rounded(slots: usize) -> usize {
+        slots.div_ceil(SLOTS_PER_LINE).max(1) * SLOTS_PER_LINE
+    }
+
     /// A table of at least `slots` slots (rounded up to whole cache lines).
     pub(crate) fn new(slots: usize, max_load: f64, at_limit: bool) -> Table {
-        let lines = slots.div_ceil(SLOTS_PER_LINE).max(1);
-        let slots = lines * SLOTS_PER_LINE;
+        let slots = Self::rounded(slots);
+        let lines = slots / SLOTS_PER_LINE;
         let max_occupied = ((slots as f64 * max_load) as usize).clamp(1, slots - 1);
         Table {
             lines: zeroed_lines(lines),
