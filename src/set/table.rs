@@ -78,8 +78,8 @@ impl Stamp {
 /// stamps count from a base four years before the set was made. That
 /// leaves four years for the wall clock to step back and about thirteen
 /// ahead: an expiry later than that is held as [`Stamp::MAX`] (in memory
-/// only: the log keeps the tick), a clock stepped back further reads as
-/// the base. Both are far outside any TTL a dedup window uses.
+/// only: the log keeps the tick) and read back as [`Tick::MAX`]; a clock
+/// stepped back further reads as the base. Both are far outside any TTL a dedup window uses.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Stamps {
     base: u32,
@@ -106,10 +106,15 @@ impl Stamps {
         }
     }
 
+    /// The tick of a stamp. [`Stamp::MAX`] may stand for any later
+    /// instant, so it reads as the latest tick: a forget logged for such a
+    /// mark is kept as long as the mark may live.
     #[inline]
     pub(crate) fn tick(self, s: Stamp) -> Tick {
         if s > Stamp::MAX {
             Tick(s.0 - Stamp::MAX.0 + Tick::MAX.0)
+        } else if s == Stamp::MAX {
+            Tick::MAX
         } else if s < Stamp::MIN_LIVE {
             Tick(s.0)
         } else {
@@ -864,8 +869,11 @@ mod tests {
         }
         assert_eq!(stamps.stamp(Tick(Tick::MAX.0 + 1)), IN_FLIGHT);
         assert_eq!(stamps.stamp(Tick(Tick::MAX.0 + 2)), IN_FLIGHT_WAITED);
-        // Beyond the range: the latest stamp, and the earliest live one.
+        // Beyond the range: the latest stamp (read back as the latest
+        // tick), and the earliest live one.
         assert_eq!(stamps.stamp(Tick::MAX), Stamp::MAX);
+        let far = Tick(now.0 + 20 * 365 * 86_400);
+        assert_eq!(stamps.tick(stamps.stamp(far)), Tick::MAX);
         assert_eq!(stamps.stamp(Tick::MIN_LIVE), Stamp::MIN_LIVE);
         // Order is kept, so "expiry > now" reads the same on stamps.
         let (a, b) = (Tick(now.0 + 10), Tick(now.0 + 11));
