@@ -74,6 +74,45 @@ fn racing_batches_give_exactly_one_new_per_id() {
 }
 
 #[test]
+fn racing_batches_with_repeats_decide_each_id_in_batch_order() {
+    // Each batch holds its ids twice, while tables grow under three
+    // threads: a batch may decide a migrating shard's ids last, but the
+    // second copy of an id is never the new one.
+    let engine = Arc::new(Engine::builder().shards(4).build().unwrap());
+    let new = Arc::new(AtomicUsize::new(0));
+    let ids = 60_000u32;
+    let handles: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (engine, new) = (engine.clone(), new.clone());
+            std::thread::spawn(move || {
+                let order: Vec<u32> = (0..ids)
+                    .map(|i| ((i as u64 * 7919 + t * 104_729) % ids as u64) as u32)
+                    .collect();
+                for chunk in order.chunks(100) {
+                    let keys: Vec<[u8; 4]> = chunk
+                        .iter()
+                        .chain(chunk.iter().rev())
+                        .map(|i| i.to_le_bytes())
+                        .collect();
+                    let v = engine.check_and_insert_batch(&keys).unwrap();
+                    let (first, second) = v.split_at(chunk.len());
+                    assert!(second.iter().all(|v| *v == Verdict::Duplicate), "{v:?}");
+                    new.fetch_add(
+                        first.iter().filter(|v| v.is_new()).count(),
+                        Ordering::Relaxed,
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(new.load(Ordering::Relaxed), ids as usize);
+    assert_eq!(engine.len(), ids as usize);
+}
+
+#[test]
 fn hot_single_id_is_new_exactly_once() {
     let engine = growing_engine();
     let new = race(engine, 8, 1, 2000, false);
