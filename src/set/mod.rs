@@ -729,7 +729,8 @@ impl ShardedSet {
         }
         let new = match early {
             Some(table) if estimated_right => table,
-            _ => {
+            wrong => {
+                drop(wrong); // before its replacement takes memory too
                 let table = Table::new(slots, MAX_LOAD, at_limit);
                 // The migration and the inserts after it touch every page
                 // of the new table; have them written in one call (see
