@@ -267,36 +267,53 @@ impl ShardedSet {
         let mean = config.capacity_hint.div_ceil(config.shards);
         let per_shard = mean + 4 * (mean as f64).sqrt() as usize;
         let sized = ((per_shard as f64 / MAX_LOAD) as usize + 1).max(MIN_SLOTS);
-        let shards = (0..config.shards)
+        // Pre-sized tables are all the size asked for; from empty they
+        // start staggered, so that they grow staggered.
+        let ladder_base = |i| MIN_SLOTS as f64 * phase(i, config.shards);
+        let sizes: Vec<(usize, bool)> = (0..config.shards)
             .map(|i| {
-                // Pre-sized tables are all the size asked for; from empty
-                // they start staggered, so that they grow staggered.
-                let ladder_base = MIN_SLOTS as f64 * phase(i, config.shards);
-                let mut slots = if config.capacity_hint == 0 {
-                    ladder_base.ceil() as usize
+                let slots = if config.capacity_hint == 0 {
+                    ladder_base(i).ceil() as usize
                 } else {
                     sized
                 };
-                let mut at_limit = false;
-                if let Some(limit) = slot_limit {
-                    if slots >= limit {
-                        slots = limit;
-                        at_limit = true;
+                match slot_limit {
+                    Some(limit) if slots >= limit => (limit, true),
+                    _ => (slots, false),
+                }
+            })
+            .collect();
+        let tables: Vec<Table> = if config.capacity_hint != 0 && sizes.iter().all(|&(_, l)| !l) {
+            // Sized for the ids to come: in one mapping (see Table::group),
+            // and its pages written now (see Table::prefault), not faulted
+            // in one by one, each fault a TLB shootdown, by the first
+            // inserts.
+            let slots: Vec<usize> = sizes.iter().map(|&(s, _)| s).collect();
+            let tables = Table::group(&slots, MAX_LOAD);
+            tables.iter().for_each(Table::prefault);
+            tables
+        } else {
+            sizes
+                .iter()
+                .map(|&(slots, at_limit)| {
+                    let table = Table::new(slots, MAX_LOAD, at_limit);
+                    if config.capacity_hint != 0 {
+                        table.prefault();
                     }
-                }
-                let table = Table::new(slots, MAX_LOAD, at_limit);
-                if config.capacity_hint != 0 {
-                    // Sized for the ids to come: have its pages written now
-                    // (see Table::prefault), not faulted in one by one, each
-                    // fault a TLB shootdown, by the first inserts.
-                    table.prefault();
-                }
+                    table
+                })
+                .collect()
+        };
+        let shards = tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, table)| {
                 CachePadded::new(Shard {
                     table: Atomic::new(table),
                     next_expiry: AtomicU32::new(Stamp::MAX.0),
                     last_sweep: AtomicU32::new(0),
                     migration: Mutex::new(Copied::default()),
-                    ladder_base,
+                    ladder_base: ladder_base(i),
                 })
             })
             .collect();
@@ -600,7 +617,7 @@ impl ShardedSet {
         guard: &Guard,
     ) {
         if let Some(copied) = shard.migration.try_lock() {
-            self.replace(shard, copied, expected, now, Sizing::Grow, guard);
+            self.replace(shard, copied, expected, now, Sizing::Grow, None, guard);
         }
     }
 
@@ -617,25 +634,66 @@ impl ShardedSet {
         // replay, staggered (see `phase`): a few shards grow at a time as
         // new ids arrive. (All at 0.8, the first new ids after a restart
         // rehashed every shard, half a second at 10M keys.)
-        let grow = |shards: &[CachePadded<Shard>]| {
+        let room = (per_shard as f64 / MAX_LOAD) as usize + 1;
+        let wanted: Vec<usize> = {
             let guard = &epoch::pin();
-            for shard in shards {
-                let room = (per_shard as f64 / MAX_LOAD) as usize + 1;
-                let slots = shard.rung(room as f64).max(room);
-                let (ptr, table) = Self::current(shard, guard);
-                if table.slots() < slots {
-                    self.migrate_to(shard, ptr, now, Sizing::AtLeast(slots), guard);
+            self.shards
+                .iter()
+                .map(|shard| {
+                    let slots = shard.rung(room as f64).max(room);
+                    let grows = Self::current(shard, guard).1.slots() < slots;
+                    if grows {
+                        slots
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        };
+        // The new tables in one mapping (see Table::group), unless a memory
+        // ceiling may cap them.
+        let mut made: Vec<Option<Table>> = if self.slot_limit.is_none() {
+            let growing: Vec<usize> = wanted.iter().copied().filter(|&s| s > 0).collect();
+            let mut tables = Table::group(&growing, MAX_LOAD).into_iter();
+            wanted
+                .iter()
+                .map(|&s| if s > 0 { tables.next() } else { None })
+                .collect()
+        } else {
+            wanted.iter().map(|_| None).collect()
+        };
+        let grow = |part: &[(usize, usize)], made: &mut [Option<Table>]| {
+            let guard = &epoch::pin();
+            for (&(i, slots), table) in part.iter().zip(made) {
+                if slots == 0 {
+                    continue;
                 }
+                let shard = &self.shards[i];
+                let (ptr, _) = Self::current(shard, guard);
+                let copied = shard.migration.lock();
+                let table = table.take();
+                self.replace(
+                    shard,
+                    copied,
+                    ptr,
+                    now,
+                    Sizing::AtLeast(slots),
+                    table,
+                    guard,
+                );
             }
         };
+        let jobs: Vec<(usize, usize)> = wanted.into_iter().enumerate().collect();
         let per_thread = n.div_ceil(threads.max(1));
         std::thread::scope(|scope| {
-            let mut parts = self.shards.chunks(per_thread);
+            let mut parts = jobs.chunks(per_thread).zip(made.chunks_mut(per_thread));
             let mine = parts.next();
-            for part in parts {
-                scope.spawn(move || grow(part));
+            for (part, made) in parts {
+                scope.spawn(move || grow(part, made));
             }
-            grow(mine.unwrap_or_default());
+            if let Some((part, made)) = mine {
+                grow(part, made);
+            }
         });
     }
 
@@ -647,10 +705,20 @@ impl ShardedSet {
         sizing: Sizing,
         guard: &Guard,
     ) {
-        self.replace(shard, shard.migration.lock(), expected, now, sizing, guard);
+        self.replace(
+            shard,
+            shard.migration.lock(),
+            expected,
+            now,
+            sizing,
+            None,
+            guard,
+        );
     }
 
-    /// [`ShardedSet::migrate_to`] with the shard's migration lock held.
+    /// [`ShardedSet::migrate_to`] with the shard's migration lock held;
+    /// into `made` if it is large enough (and its pages not yet written).
+    #[allow(clippy::too_many_arguments)]
     fn replace(
         &self,
         shard: &Shard,
@@ -658,6 +726,7 @@ impl ShardedSet {
         expected: Shared<'_, Table>,
         now: Stamp,
         sizing: Sizing,
+        made: Option<Table>,
         guard: &Guard,
     ) {
         let (ptr, old) = Self::current(shard, guard);
@@ -727,10 +796,16 @@ impl ShardedSet {
                 ));
             });
         }
-        let new = match early {
-            Some(table) if estimated_right => table,
-            wrong => {
-                drop(wrong); // before its replacement takes memory too
+        let new = match (early, made) {
+            (Some(table), _) if estimated_right => table,
+            (_, Some(table)) if !at_limit && table.slots() >= Table::rounded(slots) => {
+                table.prefault();
+                table
+            }
+            (wrong, made) => {
+                // Before their replacement takes memory too.
+                drop(wrong);
+                drop(made);
                 let table = Table::new(slots, MAX_LOAD, at_limit);
                 // The migration and the inserts after it touch every page
                 // of the new table; have them written in one call (see

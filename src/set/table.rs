@@ -276,17 +276,69 @@ impl Table {
 
     /// A table of at least `slots` slots (rounded up to whole cache lines).
     pub(crate) fn new(slots: usize, max_load: f64, at_limit: bool) -> Table {
-        let slots = Self::rounded(slots);
-        let lines = slots / SLOTS_PER_LINE;
+        let lines = Self::rounded(slots) / SLOTS_PER_LINE;
+        Self::on(zeroed_lines(lines), max_load, at_limit)
+    }
+
+    /// A table over `lines`, zeroed.
+    #[cfg(not(seen_loom))]
+    fn on(lines: Lines, max_load: f64, at_limit: bool) -> Table {
+        let slots = lines.len * SLOTS_PER_LINE;
+        Self::sized(lines, slots, max_load, at_limit)
+    }
+
+    #[cfg(seen_loom)]
+    fn on(lines: Box<[Line]>, max_load: f64, at_limit: bool) -> Table {
+        let slots = lines.len() * SLOTS_PER_LINE;
+        Self::sized(lines, slots, max_load, at_limit)
+    }
+
+    fn sized(
+        #[cfg(not(seen_loom))] lines: Lines,
+        #[cfg(seen_loom)] lines: Box<[Line]>,
+        slots: usize,
+        max_load: f64,
+        at_limit: bool,
+    ) -> Table {
         let max_occupied = ((slots as f64 * max_load) as usize).clamp(1, slots - 1);
         Table {
-            lines: zeroed_lines(lines),
+            lines,
             slots,
             max_occupied,
             at_limit,
             occupied: CachePadded::new(AtomicUsize::new(0)),
             forgotten: AtomicUsize::new(0),
         }
+    }
+
+    /// Tables of at least `slots[i]` slots each, made together (the shards
+    /// of a pre-sized set): in one mapping on huge pages when they add up
+    /// to at least one. Each table is then rounded up to whole 4 KiB pages
+    /// and still owns, and unmaps, its own range. A shard's table of a
+    /// 1M-key set is ~400 KiB: alone it lives on small pages, and a probe
+    /// into it pays a page walk (several more misses under virtualisation)
+    /// besides its cache miss; together the 64 of them fill whole huge
+    /// pages.
+    pub(crate) fn group(slots: &[usize], max_load: f64) -> Vec<Table> {
+        #[cfg(all(target_os = "linux", not(seen_loom)))]
+        {
+            let lines: Vec<usize> = slots
+                .iter()
+                .map(|&s| (Self::rounded(s) * SLOT_BYTES).next_multiple_of(PAGE) / LINE_BYTES)
+                .collect();
+            if lines.iter().sum::<usize>().saturating_mul(LINE_BYTES) >= HUGE_PAGE {
+                if let Some(shared) = shared_lines(&lines) {
+                    return shared
+                        .into_iter()
+                        .map(|l| Self::on(l, max_load, false))
+                        .collect();
+                }
+            }
+        }
+        slots
+            .iter()
+            .map(|&s| Self::new(s, max_load, false))
+            .collect()
     }
 
     pub(crate) fn slots(&self) -> usize {
@@ -619,6 +671,13 @@ fn word_expiry(word: u64) -> Stamp {
 #[cfg(not(seen_loom))]
 const HUGE_PAGE: usize = 2 << 20;
 
+/// The small page: the unit a table in a shared mapping is rounded to.
+#[cfg(not(seen_loom))]
+const PAGE: usize = 4 << 10;
+
+const LINE_BYTES: usize = SLOTS_PER_LINE * SLOT_BYTES;
+const _: () = assert!(std::mem::size_of::<Line>() == LINE_BYTES);
+
 /// A table's zero-initialised cache lines, owned.
 #[cfg(not(seen_loom))]
 struct Lines {
@@ -630,7 +689,9 @@ struct Lines {
 #[cfg(not(seen_loom))]
 enum Backing {
     Heap(std::alloc::Layout),
-    /// An anonymous mapping (base, length) holding a 2 MiB-aligned table.
+    /// An anonymous mapping (base, length) of the table's own: a 2 MiB-aligned
+    /// table (`huge_lines`), or a table's range of a mapping made for
+    /// several (`shared_lines`).
     #[cfg(target_os = "linux")]
     Mapped(*mut libc::c_void, usize),
 }
@@ -665,8 +726,9 @@ impl Drop for Lines {
             Backing::Heap(layout) => unsafe {
                 std::alloc::dealloc(self.ptr.as_ptr().cast(), layout)
             },
-            // SAFETY: exactly the mapping zeroed_lines created; nothing
-            // borrows it any more (we are in Drop).
+            // SAFETY: exactly the range huge_lines or shared_lines gave
+            // this table, which no other table uses; nothing borrows it any
+            // more (we are in Drop).
             #[cfg(target_os = "linux")]
             Backing::Mapped(base, len) => unsafe {
                 libc::munmap(base, len);
@@ -739,6 +801,68 @@ fn huge_lines(lines: usize, bytes: usize) -> Option<Lines> {
         len: lines,
         backing: Backing::Mapped(base, len),
     })
+}
+
+/// Map fresh zero pages for tables of `lines[i]` lines each, whole 4 KiB
+/// pages apiece, back to back from a 2 MiB boundary, on huge pages. The
+/// slack mapped to align the start is unmapped again, so the tables' ranges
+/// are the whole mapping and each table unmaps its own when dropped (the
+/// kernel splits a huge page that a dropped table shared).
+#[cfg(all(target_os = "linux", not(seen_loom)))]
+#[allow(unsafe_code)]
+fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
+    let bytes = lines.iter().try_fold(0usize, |sum, &l| {
+        sum.checked_add(l.checked_mul(LINE_BYTES)?)
+    })?;
+    let len = bytes.checked_add(HUGE_PAGE)?;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is
+    // affected. Anonymous pages read as zero, a valid (EMPTY) `Line`.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    // Page-aligned `base`, so `offset` and the tail are whole pages.
+    let offset = (HUGE_PAGE - (base as usize % HUGE_PAGE)) % HUGE_PAGE;
+    let tail = len - offset - bytes;
+    // SAFETY: `offset + bytes + tail == len`: the three ranges split the
+    // mapping just made. The head and tail are unmapped before anything
+    // uses them; the middle is handed out below, one range per table,
+    // whole pages each, and nothing else refers to it. MADV_HUGEPAGE only
+    // changes how the kernel backs the range (if THP is off it fails
+    // harmlessly).
+    let start = unsafe {
+        let start = (base as *mut u8).add(offset);
+        if offset > 0 {
+            libc::munmap(base, offset);
+        }
+        if tail > 0 {
+            libc::munmap(start.add(bytes).cast(), tail);
+        }
+        libc::madvise(start.cast(), bytes, libc::MADV_HUGEPAGE);
+        start
+    };
+    let mut at = 0;
+    let mut tables = Vec::with_capacity(lines.len());
+    for &len in lines {
+        // SAFETY: `at + len * LINE_BYTES <= bytes`: inside the range kept.
+        let ptr = unsafe { start.add(at) };
+        tables.push(Lines {
+            ptr: std::ptr::NonNull::new(ptr.cast())?,
+            len,
+            backing: Backing::Mapped(ptr.cast(), len * LINE_BYTES),
+        });
+        at += len * LINE_BYTES;
+    }
+    Some(tables)
 }
 
 #[cfg(seen_loom)]
@@ -924,5 +1048,58 @@ mod tests {
         );
         assert!(t.contains(key(5), Stamp(10)));
         assert_eq!(t.forget(key(5), Stamp(10)), Forget::Frozen);
+    }
+
+    #[test]
+    fn tables_made_together_share_one_mapping_and_each_frees_its_own() {
+        // 8 tables of ~470 KiB: too small for a huge page each, 3.7 MiB
+        // together.
+        let asked = [
+            30_000, 30_001, 29_999, 30_000, 30_000, 30_000, 30_000, 30_000,
+        ];
+        let mut tables: Vec<Option<Table>> =
+            Table::group(&asked, 0.8).into_iter().map(Some).collect();
+        let start = |t: &Table| t.lines.as_ptr() as usize;
+        let end = |t: &Table| start(t) + t.lines.len() * LINE_BYTES;
+        let t: Vec<&Table> = tables.iter().flatten().collect();
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                start(t[0]) % HUGE_PAGE,
+                0,
+                "the group starts on a huge page"
+            );
+            for pair in t.windows(2) {
+                assert_eq!(end(pair[0]), start(pair[1]), "back to back");
+            }
+        }
+        for (table, &slots) in t.iter().zip(&asked) {
+            assert!(table.slots() >= slots);
+            assert_eq!((table.slots() * SLOT_BYTES) % PAGE, 0, "whole pages each");
+        }
+        // Every table works on its own, and keeps working when its
+        // neighbours (and the huge pages it shared with them) are gone.
+        for (i, table) in tables.iter().flatten().enumerate() {
+            for n in 0..1000 {
+                let k = key((i as u128) << 64 | n);
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Claimed);
+            }
+        }
+        for i in [0, 2, 3, 7] {
+            tables[i] = None;
+        }
+        for (i, table) in tables.iter().enumerate() {
+            let Some(table) = table else { continue };
+            for n in 0..1000 {
+                let k = key((i as u128) << 64 | n);
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
+            }
+        }
+        // Too small together for a huge page: ordinary tables.
+        let small = Table::group(&[100, 200], 0.8);
+        assert_eq!(
+            small.iter().map(Table::slots).collect::<Vec<_>>(),
+            vec![100, 200]
+        );
     }
 }
