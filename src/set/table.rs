@@ -269,38 +269,37 @@ impl Table {
         }
     }
 
-    /// The slots a table asked for `slots` gets: whole cache lines.
+    /// The slots a table asked for `slots` gets: whole cache lines, and
+    /// whole 4 KiB pages from [`CUT_MIN`] up (such tables are cut from
+    /// shared mappings, see `cut_lines`).
     pub(crate) fn rounded(slots: usize) -> usize {
-        slots.div_ceil(SLOTS_PER_LINE).max(1) * SLOTS_PER_LINE
+        let lines = slots.div_ceil(SLOTS_PER_LINE).max(1) * SLOTS_PER_LINE;
+        if lines.saturating_mul(SLOT_BYTES) >= CUT_MIN {
+            lines.div_ceil(PAGE / SLOT_BYTES) * (PAGE / SLOT_BYTES)
+        } else {
+            lines
+        }
     }
 
-    /// A table of at least `slots` slots (rounded up to whole cache lines).
+    /// A table of at least `slots` slots (see [`Table::rounded`]).
     pub(crate) fn new(slots: usize, max_load: f64, at_limit: bool) -> Table {
         let lines = Self::rounded(slots) / SLOTS_PER_LINE;
-        Self::on(zeroed_lines(lines), max_load, at_limit)
+        Self::on(zeroed_lines(lines), slots, max_load, at_limit)
     }
 
-    /// A table over `lines`, zeroed.
-    #[cfg(not(seen_loom))]
-    fn on(lines: Lines, max_load: f64, at_limit: bool) -> Table {
-        let slots = lines.len * SLOTS_PER_LINE;
-        Self::sized(lines, slots, max_load, at_limit)
-    }
-
-    #[cfg(seen_loom)]
-    fn on(lines: Box<[Line]>, max_load: f64, at_limit: bool) -> Table {
-        let slots = lines.len() * SLOTS_PER_LINE;
-        Self::sized(lines, slots, max_load, at_limit)
-    }
-
-    fn sized(
+    /// A table over zeroed `lines`, asked for `asked` slots. It asks to be
+    /// migrated at `max_load` of what was asked, not of the slots a round-up
+    /// added: growth then lands on the next rung of the shard's ladder
+    /// (see `Shard::rung`) instead of skipping one.
+    fn on(
         #[cfg(not(seen_loom))] lines: Lines,
         #[cfg(seen_loom)] lines: Box<[Line]>,
-        slots: usize,
+        asked: usize,
         max_load: f64,
         at_limit: bool,
     ) -> Table {
-        let max_occupied = ((slots as f64 * max_load) as usize).clamp(1, slots - 1);
+        let slots = lines.len() * SLOTS_PER_LINE;
+        let max_occupied = ((asked.min(slots) as f64 * max_load) as usize).clamp(1, slots - 1);
         Table {
             lines,
             slots,
@@ -330,7 +329,8 @@ impl Table {
                 if let Some(shared) = shared_lines(&lines) {
                     return shared
                         .into_iter()
-                        .map(|l| Self::on(l, max_load, false))
+                        .zip(slots)
+                        .map(|(l, &asked)| Self::on(l, asked, max_load, false))
                         .collect();
                 }
             }
@@ -672,8 +672,21 @@ fn word_expiry(word: u64) -> Stamp {
 const HUGE_PAGE: usize = 2 << 20;
 
 /// The small page: the unit a table in a shared mapping is rounded to.
-#[cfg(not(seen_loom))]
 const PAGE: usize = 4 << 10;
+
+/// Tables from this size up to [`CUT_MAX`] are cut, back to back, from
+/// shared mappings of [`CHUNK`] bytes on huge pages (`cut_lines`). Alone,
+/// a table of a few hundred KiB lives on 4 KiB pages, and one of 2–4 MiB
+/// has its tail on them: a probe there pays a page walk (under
+/// virtualisation, several more cache misses) besides its own miss.
+/// Mapping each table to whole huge pages instead would hold up to 2 MiB
+/// of untouched memory per table. (From 256 KiB, rounding a table up to
+/// whole 4 KiB pages costs at most 1.6 % of its memory.)
+const CUT_MIN: usize = 256 << 10;
+#[cfg(not(seen_loom))]
+const CUT_MAX: usize = 16 << 20;
+#[cfg(not(seen_loom))]
+const CHUNK: usize = 64 << 20;
 
 const LINE_BYTES: usize = SLOTS_PER_LINE * SLOT_BYTES;
 const _: () = assert!(std::mem::size_of::<Line>() == LINE_BYTES);
@@ -691,7 +704,7 @@ enum Backing {
     Heap(std::alloc::Layout),
     /// An anonymous mapping (base, length) of the table's own: a 2 MiB-aligned
     /// table (`huge_lines`), or a table's range of a mapping made for
-    /// several (`shared_lines`).
+    /// several (`shared_lines`, `cut_lines`).
     #[cfg(target_os = "linux")]
     Mapped(*mut libc::c_void, usize),
 }
@@ -726,8 +739,8 @@ impl Drop for Lines {
             Backing::Heap(layout) => unsafe {
                 std::alloc::dealloc(self.ptr.as_ptr().cast(), layout)
             },
-            // SAFETY: exactly the range huge_lines or shared_lines gave
-            // this table, which no other table uses; nothing borrows it any
+            // SAFETY: exactly the range huge_lines, shared_lines or
+            // cut_lines gave this table, which no other table uses; nothing borrows it any
             // more (we are in Drop).
             #[cfg(target_os = "linux")]
             Backing::Mapped(base, len) => unsafe {
@@ -745,9 +758,17 @@ fn zeroed_lines(lines: usize) -> Lines {
         .checked_mul(std::mem::size_of::<Line>())
         .expect("table size overflows usize");
     #[cfg(target_os = "linux")]
-    if bytes >= HUGE_PAGE {
-        if let Some(mapped) = huge_lines(lines, bytes) {
-            return mapped;
+    {
+        // `Table::rounded` made a table this large whole pages.
+        if (CUT_MIN..=CUT_MAX).contains(&bytes) && bytes % PAGE == 0 {
+            if let Some(cut) = cut_lines(lines, bytes) {
+                return cut;
+            }
+        }
+        if bytes >= HUGE_PAGE {
+            if let Some(mapped) = huge_lines(lines, bytes) {
+                return mapped;
+            }
         }
     }
     let layout = Layout::array::<Line>(lines).expect("table size overflows usize");
@@ -803,17 +824,13 @@ fn huge_lines(lines: usize, bytes: usize) -> Option<Lines> {
     })
 }
 
-/// Map fresh zero pages for tables of `lines[i]` lines each, whole 4 KiB
-/// pages apiece, back to back from a 2 MiB boundary, on huge pages. The
-/// slack mapped to align the start is unmapped again, so the tables' ranges
-/// are the whole mapping and each table unmaps its own when dropped (the
-/// kernel splits a huge page that a dropped table shared).
+/// Map exactly `bytes` (whole pages) of fresh zero pages from a 2 MiB
+/// boundary, asked to live on huge pages. The slack mapped to align the
+/// start is unmapped again, so every byte of the result belongs to whoever
+/// it is handed to, and each table unmaps exactly its own range.
 #[cfg(all(target_os = "linux", not(seen_loom)))]
 #[allow(unsafe_code)]
-fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
-    let bytes = lines.iter().try_fold(0usize, |sum, &l| {
-        sum.checked_add(l.checked_mul(LINE_BYTES)?)
-    })?;
+fn map_aligned(bytes: usize) -> Option<*mut u8> {
     let len = bytes.checked_add(HUGE_PAGE)?;
     // SAFETY: a fresh private anonymous mapping; no existing memory is
     // affected. Anonymous pages read as zero, a valid (EMPTY) `Line`.
@@ -830,16 +847,15 @@ fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
     if base == libc::MAP_FAILED {
         return None;
     }
-    // Page-aligned `base`, so `offset` and the tail are whole pages.
+    // Page-aligned `base` and `bytes`, so `offset` and the tail are whole
+    // pages.
     let offset = (HUGE_PAGE - (base as usize % HUGE_PAGE)) % HUGE_PAGE;
     let tail = len - offset - bytes;
     // SAFETY: `offset + bytes + tail == len`: the three ranges split the
-    // mapping just made. The head and tail are unmapped before anything
-    // uses them; the middle is handed out below, one range per table,
-    // whole pages each, and nothing else refers to it. MADV_HUGEPAGE only
-    // changes how the kernel backs the range (if THP is off it fails
+    // mapping just made, and nothing uses the head or the tail. MADV_HUGEPAGE
+    // only changes how the kernel backs the range (if THP is off it fails
     // harmlessly).
-    let start = unsafe {
+    unsafe {
         let start = (base as *mut u8).add(offset);
         if offset > 0 {
             libc::munmap(base, offset);
@@ -848,12 +864,25 @@ fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
             libc::munmap(start.add(bytes).cast(), tail);
         }
         libc::madvise(start.cast(), bytes, libc::MADV_HUGEPAGE);
-        start
-    };
+        Some(start)
+    }
+}
+
+/// Fresh zero pages for tables of `lines[i]` lines each (whole pages
+/// apiece), back to back in one mapping on huge pages (see
+/// `Table::group`).
+#[cfg(all(target_os = "linux", not(seen_loom)))]
+#[allow(unsafe_code)]
+fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
+    let bytes = lines.iter().try_fold(0usize, |sum, &l| {
+        sum.checked_add(l.checked_mul(LINE_BYTES)?)
+    })?;
+    let start = map_aligned(bytes)?;
     let mut at = 0;
     let mut tables = Vec::with_capacity(lines.len());
     for &len in lines {
-        // SAFETY: `at + len * LINE_BYTES <= bytes`: inside the range kept.
+        // SAFETY: `at + len * LINE_BYTES <= bytes`: inside the mapping, a
+        // range no other table is given.
         let ptr = unsafe { start.add(at) };
         tables.push(Lines {
             ptr: std::ptr::NonNull::new(ptr.cast())?,
@@ -863,6 +892,41 @@ fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
         at += len * LINE_BYTES;
     }
     Some(tables)
+}
+
+/// Where the next table is cut from: the unused rest of the latest chunk
+/// (address, end).
+#[cfg(all(target_os = "linux", not(seen_loom)))]
+static FRONTIER: parking_lot::Mutex<(usize, usize)> = parking_lot::const_mutex((0, 0));
+
+/// A table of `lines` lines (`bytes`, whole pages) cut from the latest
+/// chunk, a fresh one when it has no room left. Tables are only made when
+/// a shard grows or is swept, so one lock for all is no contention. Every
+/// byte of a chunk ends up unmapped: a table's range when it is dropped,
+/// the rest of a chunk when the next one replaces it. At most the huge
+/// page at the frontier is resident and not yet any table's.
+#[cfg(all(target_os = "linux", not(seen_loom)))]
+#[allow(unsafe_code)]
+fn cut_lines(lines: usize, bytes: usize) -> Option<Lines> {
+    let mut frontier = FRONTIER.lock();
+    let (mut next, mut end) = *frontier;
+    if end - next < bytes {
+        let start = map_aligned(CHUNK)? as usize;
+        if end > next {
+            // SAFETY: the old chunk's rest, which no table was given and
+            // none will be (the frontier moves to the new chunk below).
+            unsafe { libc::munmap(next as *mut libc::c_void, end - next) };
+        }
+        (next, end) = (start, start + CHUNK);
+    }
+    *frontier = (next + bytes, end);
+    drop(frontier);
+    let ptr = next as *mut Line;
+    Some(Lines {
+        ptr: std::ptr::NonNull::new(ptr)?,
+        len: lines,
+        backing: Backing::Mapped(ptr.cast(), bytes),
+    })
 }
 
 #[cfg(seen_loom)]
@@ -1048,6 +1112,50 @@ mod tests {
         );
         assert!(t.contains(key(5), Stamp(10)));
         assert_eq!(t.forget(key(5), Stamp(10)), Forget::Frozen);
+    }
+
+    #[test]
+    fn mid_sized_tables_are_cut_from_shared_chunks_and_each_frees_its_own() {
+        // Whole pages from CUT_MIN up; whole lines below.
+        assert_eq!(
+            Table::rounded(CUT_MIN / SLOT_BYTES + 1) * SLOT_BYTES % PAGE,
+            0
+        );
+        assert_eq!(Table::rounded(5), 8);
+        let mut tables: Vec<Option<Table>> = (0..6)
+            .map(|i| Some(Table::new(30_000 + i * 1000, 0.8, false)))
+            .collect();
+        let range = |t: &Table| {
+            let start = t.lines.as_ptr() as usize;
+            (start, start + t.lines.len() * LINE_BYTES)
+        };
+        #[cfg(target_os = "linux")]
+        for t in tables.iter().flatten() {
+            assert!(matches!(t.lines.backing, Backing::Mapped(..)));
+            let (start, end) = range(t);
+            assert_eq!((start % PAGE, end % PAGE), (0, 0), "whole pages");
+        }
+        let mut ranges: Vec<(usize, usize)> = tables.iter().flatten().map(range).collect();
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "disjoint");
+        }
+        for (i, table) in tables.iter().flatten().enumerate() {
+            for n in 0..1000 {
+                let k = key((i as u128) << 64 | n);
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Claimed);
+            }
+        }
+        for i in [1, 4] {
+            tables[i] = None;
+        }
+        for (i, table) in tables.iter().enumerate() {
+            let Some(table) = table else { continue };
+            for n in 0..1000 {
+                let k = key((i as u128) << 64 | n);
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
+            }
+        }
     }
 
     #[test]
