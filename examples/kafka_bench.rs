@@ -12,6 +12,13 @@
 //! (plain, dedup, plain, dedup, …), a fresh group each time. The dedup loop
 //! runs a no-op handler on an engine with `Durability::None` in a scratch
 //! state directory; both commit every second.
+//!
+//! Each message carries its id both in the `idempotency_key` header (what
+//! the dedup loop reads by default) and as its key: `SEEN_BENCH_IDS=key`
+//! (any `IdStrategy` string) makes the dedup loop read the key instead.
+//! `SEEN_BENCH_READ_ID=1` adds a third loop to each round, the plain loop
+//! that also reads each message's id the same way and does nothing with
+//! it: the cost of reading the id alone, which no dedup can avoid.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -24,7 +31,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use seen::guard::IdempotencyGuard;
-use seen::kafka::{DedupConsumer, DedupConsumerConfig};
+use seen::kafka::{DedupConsumer, DedupConsumerConfig, IdStrategy};
 use seen::{Durability, Engine};
 
 const PARTITIONS: i32 = 8;
@@ -80,6 +87,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             dedup_loop(&brokers, &topic, n, &format!("dedup-{round}")).await?
         };
+        if let Some(ids) = read_id() {
+            // The plain loop that also reads each id the dedup loop reads
+            // (and nothing else): what reading the id alone costs.
+            let group = format!("plain-id-{round}");
+            let r = plain_loop_reading(&brokers, &topic, n, &group, Some(&ids)).await?;
+            eprintln!("round {round}: plain reading the id {r:.0} msg/s");
+        }
         if std::env::var_os("SEEN_BENCH_SKELETON").is_some() {
             let s = skeleton_loop(&brokers, &topic, n, &format!("skel-{round}")).await?;
             eprintln!("round {round}: skeleton {s:.0} msg/s");
@@ -123,6 +137,7 @@ async fn produce(brokers: &str, topic: &str, n: u64) -> Result<(), Box<dyn std::
         let id = format!("evt-{id}");
         let record = FutureRecord::<str, [u8]>::to(topic)
             .payload(&payload)
+            .key(id.as_str())
             .partition((k % PARTITIONS as u64) as i32)
             .headers(OwnedHeaders::new().insert(Header {
                 key: "idempotency_key",
@@ -211,6 +226,28 @@ async fn plain_loop(
     n: u64,
     group: &str,
 ) -> Result<f64, Box<dyn std::error::Error>> {
+    plain_loop_reading(brokers, topic, n, group, None).await
+}
+
+/// The id strategy the dedup loop uses (`SEEN_BENCH_IDS`, default the
+/// `idempotency_key` header), when `SEEN_BENCH_READ_ID` asks for the
+/// plain loop that reads it too.
+fn read_id() -> Option<IdStrategy> {
+    std::env::var_os("SEEN_BENCH_READ_ID")?;
+    Some(match std::env::var("SEEN_BENCH_IDS") {
+        Ok(ids) => ids.parse().ok()?,
+        Err(_) => IdStrategy::default(),
+    })
+}
+
+/// [`plain_loop`], reading each message's id with `ids` if given.
+async fn plain_loop_reading(
+    brokers: &str,
+    topic: &str,
+    n: u64,
+    group: &str,
+    ids: Option<&IdStrategy>,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let consumer: StreamConsumer = consumer_config(brokers, group).create()?;
     consumer.subscribe(&[topic])?;
     let first = consumer.recv().await?;
@@ -220,6 +257,9 @@ async fn plain_loop(
     let mut last_commit = Instant::now();
     for _ in 1..n {
         let m = consumer.recv().await?;
+        if let Some(ids) = ids {
+            std::hint::black_box(ids.id_of(&m).ok());
+        }
         consumer.store_offset(m.topic(), m.partition(), m.offset())?;
         if last_commit.elapsed() >= Duration::from_secs(1) {
             let _ = consumer.commit_consumer_state(CommitMode::Sync);
@@ -244,6 +284,11 @@ async fn dedup_loop(
     let mut config = DedupConsumerConfig::new(brokers, group, &[topic]);
     config.properties = vec![("session.timeout.ms".into(), "6000".into())];
     config.properties.extend(extra_properties());
+    // `SEEN_BENCH_IDS=key` reads each id from the message key instead of
+    // the `idempotency_key` header (the producer sets both).
+    if let Ok(ids) = std::env::var("SEEN_BENCH_IDS") {
+        config.ids = ids.parse()?;
+    }
     let consumer = DedupConsumer::new(config, Arc::new(IdempotencyGuard::new(Arc::new(engine))))?;
     let stats = consumer.stats();
     // Time from the first message handled to the last one done, like the
