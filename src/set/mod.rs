@@ -378,7 +378,13 @@ impl ShardedSet {
     #[inline]
     pub(crate) fn prefetch(&self, fp: Fingerprint, guard: &Guard) {
         let (_, table) = Self::current(self.shard(fp), guard);
-        crate::prefetch::prefetch_read(table.home_line_ptr(Key::new(fp)));
+        let (line, both) = table.home_lines(Key::new(fp));
+        crate::prefetch::prefetch_read(line);
+        if both {
+            // Past the table's end this is a hint about memory nobody
+            // reads: harmless (a prefetch never faults).
+            crate::prefetch::prefetch_read(line.wrapping_add(64));
+        }
     }
 
     /// `fps` in order, each one's first table line requested `W` ids

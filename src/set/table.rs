@@ -368,11 +368,18 @@ impl Table {
         &line.0[i % SLOTS_PER_LINE]
     }
 
-    /// Address of the cache line where a probe for `key` starts, for prefetching.
+    /// Address of the cache line where a probe for `key` starts, for
+    /// prefetching, and whether the probe starts in the second half of it
+    /// (and so is likely to go on into the next line: at the loads a table
+    /// runs at, a miss or a new key scans several slots).
     #[inline]
-    pub(crate) fn home_line_ptr(&self, key: Key) -> *const u8 {
-        let line: &Line = &self.lines[self.home(key.tag) / SLOTS_PER_LINE];
-        (line as *const Line).cast()
+    pub(crate) fn home_lines(&self, key: Key) -> (*const u8, bool) {
+        let home = self.home(key.tag);
+        let line: &Line = &self.lines[home / SLOTS_PER_LINE];
+        (
+            (line as *const Line).cast(),
+            home % SLOTS_PER_LINE >= SLOTS_PER_LINE / 2,
+        )
     }
 
     /// Wait out the claim → publish window of another thread.
