@@ -794,40 +794,16 @@ fn zeroed_lines(lines: usize) -> Lines {
     }
 }
 
-/// Map `bytes` (plus slack to align) of fresh zero pages, align to 2 MiB and
-/// ask for transparent huge pages before anything touches them.
+/// A table of its own on huge pages: `bytes` rounded up to whole pages,
+/// from a 2 MiB boundary (see `map_aligned`).
 #[cfg(all(target_os = "linux", not(seen_loom)))]
-#[allow(unsafe_code)]
 fn huge_lines(lines: usize, bytes: usize) -> Option<Lines> {
-    let len = bytes.checked_add(HUGE_PAGE)?;
-    // SAFETY: a fresh private anonymous mapping; no existing memory is
-    // affected. Anonymous pages read as zero, a valid (EMPTY) `Line`.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return None;
-    }
-    let offset = (HUGE_PAGE - (base as usize % HUGE_PAGE)) % HUGE_PAGE;
-    // SAFETY: offset < HUGE_PAGE and offset + bytes <= len: in bounds of the
-    // mapping. MADV_HUGEPAGE only changes how the kernel backs the range;
-    // if THP is off it fails harmlessly.
-    let ptr = unsafe {
-        let start = (base as *mut u8).add(offset);
-        libc::madvise(start.cast(), bytes, libc::MADV_HUGEPAGE);
-        start as *mut Line
-    };
+    let mapped = bytes.checked_next_multiple_of(PAGE)?;
+    let ptr = map_aligned(mapped)?;
     Some(Lines {
-        ptr: std::ptr::NonNull::new(ptr)?,
+        ptr: std::ptr::NonNull::new(ptr.cast())?,
         len: lines,
-        backing: Backing::Mapped(base, len),
+        backing: Backing::Mapped(ptr.cast(), mapped),
     })
 }
 
@@ -1163,6 +1139,26 @@ mod tests {
                 assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
             }
         }
+    }
+
+    #[test]
+    fn a_large_table_gets_a_huge_page_aligned_mapping_of_its_own() {
+        let slots = CUT_MAX / SLOT_BYTES + 1000;
+        let t = Table::new(slots, 0.8, false);
+        assert!(t.slots() >= slots);
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(t.lines.as_ptr() as usize % HUGE_PAGE, 0);
+            let Backing::Mapped(base, len) = t.lines.backing else {
+                panic!("a table this large is mapped");
+            };
+            assert_eq!(base as usize, t.lines.as_ptr() as usize, "no slack kept");
+            assert_eq!(len, t.lines.len() * LINE_BYTES);
+        }
+        for n in 0..1000 {
+            assert_eq!(t.insert_many(key(n), Stamp(1), Stamp(9)), Insert::Claimed);
+        }
+        assert!(t.contains(key(999), Stamp(2)));
     }
 
     #[test]
