@@ -747,8 +747,8 @@ impl Drop for Lines {
                 std::alloc::dealloc(self.ptr.as_ptr().cast(), layout)
             },
             // SAFETY: exactly the range huge_lines, shared_lines or
-            // cut_lines gave this table, which no other table uses; nothing borrows it any
-            // more (we are in Drop).
+            // cut_lines gave this table, which no other table uses; nothing
+            // borrows it any more (we are in Drop).
             #[cfg(target_os = "linux")]
             Backing::Mapped(base, len) => unsafe {
                 libc::munmap(base, len);
