@@ -1097,6 +1097,28 @@ mod tests {
         assert_eq!(t.forget(key(5), Stamp(10)), Forget::Frozen);
     }
 
+    /// Give each table its own keys, drop the tables at `gone`, and check
+    /// that the others still hold theirs: a table's memory is its own even
+    /// when it shares a mapping (and its huge pages) with its neighbours.
+    fn fill_drop_and_check(tables: &mut [Option<Table>], gone: &[usize]) {
+        let keys = |i: usize| (0..1000).map(move |n| key((i as u128) << 64 | n));
+        for (i, table) in tables.iter().enumerate() {
+            let table = table.as_ref().expect("all tables present at first");
+            for k in keys(i) {
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Claimed);
+            }
+        }
+        for &i in gone {
+            tables[i] = None;
+        }
+        for (i, table) in tables.iter().enumerate() {
+            let Some(table) = table else { continue };
+            for k in keys(i) {
+                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
+            }
+        }
+    }
+
     #[test]
     fn mid_sized_tables_are_cut_from_shared_chunks_and_each_frees_its_own() {
         // Whole pages from CUT_MIN up; whole lines below.
@@ -1123,22 +1145,7 @@ mod tests {
         for pair in ranges.windows(2) {
             assert!(pair[0].1 <= pair[1].0, "disjoint");
         }
-        for (i, table) in tables.iter().flatten().enumerate() {
-            for n in 0..1000 {
-                let k = key((i as u128) << 64 | n);
-                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Claimed);
-            }
-        }
-        for i in [1, 4] {
-            tables[i] = None;
-        }
-        for (i, table) in tables.iter().enumerate() {
-            let Some(table) = table else { continue };
-            for n in 0..1000 {
-                let k = key((i as u128) << 64 | n);
-                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
-            }
-        }
+        fill_drop_and_check(&mut tables, &[1, 4]);
     }
 
     #[test]
@@ -1190,22 +1197,7 @@ mod tests {
         }
         // Every table works on its own, and keeps working when its
         // neighbours (and the huge pages it shared with them) are gone.
-        for (i, table) in tables.iter().flatten().enumerate() {
-            for n in 0..1000 {
-                let k = key((i as u128) << 64 | n);
-                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Claimed);
-            }
-        }
-        for i in [0, 2, 3, 7] {
-            tables[i] = None;
-        }
-        for (i, table) in tables.iter().enumerate() {
-            let Some(table) = table else { continue };
-            for n in 0..1000 {
-                let k = key((i as u128) << 64 | n);
-                assert_eq!(table.insert_many(k, Stamp(1), Stamp(9)), Insert::Duplicate);
-            }
-        }
+        fill_drop_and_check(&mut tables, &[0, 2, 3, 7]);
         // Too small together for a huge page: ordinary tables.
         let small = Table::group(&[100, 200], 0.8);
         assert_eq!(
