@@ -4,9 +4,10 @@
 //! prefetched a window ahead (see [`ShardedSet::prefetched`]); new marks
 //! are logged a chunk at a time; and an id whose shard is being migrated
 //! is decided at the end of the batch instead of waited for, so the
-//! thread keeps inserting into the other shards meanwhile. (Growing from empty, a thread that met a
-//! migration waited for it, a millisecond per shard at 10M keys: the two
-//! threads of `batch_probe` were busy ~150 % of 200.)
+//! thread keeps inserting into the other shards meanwhile. (Growing from
+//! empty, a thread that met a migration waited for it, a millisecond per
+//! shard at 10M keys: the two threads of `batch_probe` were busy ~150 %
+//! of 200.)
 
 use crossbeam_epoch::{self as epoch, Guard};
 

@@ -641,64 +641,55 @@ impl ShardedSet {
         // new ids arrive. (All at 0.8, the first new ids after a restart
         // rehashed every shard, half a second at 10M keys.)
         let room = (per_shard as f64 / MAX_LOAD) as usize + 1;
-        let wanted: Vec<usize> = {
+        // The shards that must grow, each with its size and, without a
+        // memory ceiling that may cap it, its new table: all of them in
+        // one mapping (see Table::group).
+        let mut jobs: Vec<(&Shard, usize, Option<Table>)> = {
             let guard = &epoch::pin();
             self.shards
                 .iter()
-                .map(|shard| {
+                .filter_map(|shard| {
                     let slots = shard.rung(room as f64).max(room);
-                    let grows = Self::current(shard, guard).1.slots() < slots;
-                    if grows {
-                        slots
-                    } else {
-                        0
-                    }
+                    (Self::current(shard, guard).1.slots() < slots)
+                        .then_some((&**shard, slots, None))
                 })
                 .collect()
         };
-        // The new tables in one mapping (see Table::group), unless a memory
-        // ceiling may cap them.
-        let mut made: Vec<Option<Table>> = if self.slot_limit.is_none() {
-            let growing: Vec<usize> = wanted.iter().copied().filter(|&s| s > 0).collect();
-            let mut tables = Table::group(&growing, MAX_LOAD).into_iter();
-            wanted
-                .iter()
-                .map(|&s| if s > 0 { tables.next() } else { None })
-                .collect()
-        } else {
-            wanted.iter().map(|_| None).collect()
-        };
-        let grow = |part: &[(usize, usize)], made: &mut [Option<Table>]| {
+        if self.slot_limit.is_none() {
+            let sizes: Vec<usize> = jobs.iter().map(|&(_, slots, _)| slots).collect();
+            for (job, table) in jobs.iter_mut().zip(Table::group(&sizes, MAX_LOAD)) {
+                job.2 = Some(table);
+            }
+        }
+        let grow = |jobs: &mut [(&Shard, usize, Option<Table>)]| {
             let guard = &epoch::pin();
-            for (&(i, slots), table) in part.iter().zip(made) {
-                if slots == 0 {
-                    continue;
-                }
-                let shard = &self.shards[i];
-                let (ptr, _) = Self::current(shard, guard);
-                let copied = shard.migration.lock();
+            for (shard, slots, table) in jobs {
                 let table = table.take();
+                if let Some(t) = &table {
+                    t.prefault();
+                }
+                let (ptr, _) = Self::current(shard, guard);
+                let sizing = Sizing::AtLeast(*slots);
                 self.replace(
                     shard,
-                    copied,
+                    shard.migration.lock(),
                     ptr,
                     now,
-                    Sizing::AtLeast(slots),
+                    sizing,
                     table,
                     guard,
                 );
             }
         };
-        let jobs: Vec<(usize, usize)> = wanted.into_iter().enumerate().collect();
-        let per_thread = n.div_ceil(threads.max(1));
+        let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
         std::thread::scope(|scope| {
-            let mut parts = jobs.chunks(per_thread).zip(made.chunks_mut(per_thread));
+            let mut parts = jobs.chunks_mut(per_thread);
             let mine = parts.next();
-            for (part, made) in parts {
-                scope.spawn(move || grow(part, made));
+            for part in parts {
+                scope.spawn(move || grow(part));
             }
-            if let Some((part, made)) = mine {
-                grow(part, made);
+            if let Some(part) = mine {
+                grow(part);
             }
         });
     }
@@ -723,7 +714,7 @@ impl ShardedSet {
     }
 
     /// [`ShardedSet::migrate_to`] with the shard's migration lock held;
-    /// into `made` if it is large enough (and its pages not yet written).
+    /// into `made` (its pages written) if it has the room.
     #[allow(clippy::too_many_arguments)]
     fn replace(
         &self,
@@ -739,18 +730,20 @@ impl ShardedSet {
         if ptr != expected {
             return; // someone else already replaced it
         }
-        // A table that filled up (no ceiling): size its successor from
-        // what it holds, less what the last rebuild's count says has
-        // expired, and have the successor's pages written before freezing
-        // it. The kernel zeroing them (about as long as the copy) then
-        // overlaps writers still using the old table instead of keeping
-        // them waiting for the new one.
-        let early = (matches!(sizing, Sizing::Grow) && self.slot_limit.is_none()).then(|| {
-            let estimate = old.len().saturating_sub(copied.expired(now).0);
-            let slots = Self::slots_for(shard, old, estimate, sizing);
-            let table = Table::new(slots.max(room_for(estimate)), MAX_LOAD, false);
-            table.prefault();
-            table
+        // The successor, made before the freeze: the one `reserve` made,
+        // or for a table that filled up (no ceiling) one sized from what
+        // it holds, less what the last rebuild's count says has expired,
+        // with its pages written now. The kernel zeroing them (about as
+        // long as the copy) then overlaps writers still using the old
+        // table instead of keeping them waiting for the new one.
+        let early = made.or_else(|| {
+            (matches!(sizing, Sizing::Grow) && self.slot_limit.is_none()).then(|| {
+                let estimate = old.len().saturating_sub(copied.expired(now).0);
+                let slots = Self::slots_for(shard, old, estimate, sizing);
+                let table = Table::new(slots.max(room_for(estimate)), MAX_LOAD, false);
+                table.prefault();
+                table
+            })
         });
         // Freeze and count first, then copy straight from the frozen table
         // (whose contents no longer change) into the new one: no staging
@@ -790,28 +783,28 @@ impl ShardedSet {
         // Never drop a live entry for want of room (Reject may sit just
         // above the ceiling's load): the table always has a free slot.
         slots = slots.max(room_for(live));
-        // The estimate is usually right: the sizes are rungs ×1.55 apart.
-        let estimated_right = matches!(&early, Some(t) if t.slots() == Table::rounded(slots));
+        // A growth's estimate is usually right: the sizes are rungs ×1.55
+        // apart. It must be the very size (memory); a reservation may be
+        // larger.
+        let fits = |t: &Table| {
+            !at_limit
+                && match sizing {
+                    Sizing::AtLeast(_) => t.slots() >= Table::rounded(slots),
+                    _ => t.slots() == Table::rounded(slots),
+                }
+        };
         #[cfg(all(test, not(seen_loom)))]
-        if early.is_some() {
+        if let (Sizing::Grow, Some(t)) = (sizing, &early) {
+            let right = fits(t);
             tests::EARLY.with(|e| {
-                let (right, wrong) = e.get();
-                e.set((
-                    right + estimated_right as usize,
-                    wrong + !estimated_right as usize,
-                ));
+                let (r, w) = e.get();
+                e.set((r + right as usize, w + !right as usize));
             });
         }
-        let new = match (early, made) {
-            (Some(table), _) if estimated_right => table,
-            (_, Some(table)) if !at_limit && table.slots() >= Table::rounded(slots) => {
-                table.prefault();
-                table
-            }
-            (wrong, made) => {
-                // Before their replacement takes memory too.
-                drop(wrong);
-                drop(made);
+        // A wrong one is dropped before its replacement takes memory too.
+        let new = match early.filter(|t| fits(t)) {
+            Some(table) => table,
+            None => {
                 let table = Table::new(slots, MAX_LOAD, at_limit);
                 // The migration and the inserts after it touch every page
                 // of the new table; have them written in one call (see

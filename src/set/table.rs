@@ -726,6 +726,19 @@ unsafe impl Send for Lines {}
 #[allow(unsafe_code)]
 unsafe impl Sync for Lines {}
 
+#[cfg(all(target_os = "linux", not(seen_loom)))]
+impl Lines {
+    /// `lines` lines at `ptr`, the start of a mapped range of `bytes` that
+    /// is this table's alone (and unmapped when it is dropped).
+    fn mapped(ptr: *mut u8, lines: usize, bytes: usize) -> Option<Lines> {
+        Some(Lines {
+            ptr: std::ptr::NonNull::new(ptr.cast())?,
+            len: lines,
+            backing: Backing::Mapped(ptr.cast(), bytes),
+        })
+    }
+}
+
 #[cfg(not(seen_loom))]
 impl std::ops::Deref for Lines {
     type Target = [Line];
@@ -799,12 +812,7 @@ fn zeroed_lines(lines: usize) -> Lines {
 #[cfg(all(target_os = "linux", not(seen_loom)))]
 fn huge_lines(lines: usize, bytes: usize) -> Option<Lines> {
     let mapped = bytes.checked_next_multiple_of(PAGE)?;
-    let ptr = map_aligned(mapped)?;
-    Some(Lines {
-        ptr: std::ptr::NonNull::new(ptr.cast())?,
-        len: lines,
-        backing: Backing::Mapped(ptr.cast(), mapped),
-    })
+    Lines::mapped(map_aligned(mapped)?, lines, mapped)
 }
 
 /// Map exactly `bytes` (whole pages) of fresh zero pages from a 2 MiB
@@ -867,11 +875,7 @@ fn shared_lines(lines: &[usize]) -> Option<Vec<Lines>> {
         // SAFETY: `at + len * LINE_BYTES <= bytes`: inside the mapping, a
         // range no other table is given.
         let ptr = unsafe { start.add(at) };
-        tables.push(Lines {
-            ptr: std::ptr::NonNull::new(ptr.cast())?,
-            len,
-            backing: Backing::Mapped(ptr.cast(), len * LINE_BYTES),
-        });
+        tables.push(Lines::mapped(ptr, len, len * LINE_BYTES)?);
         at += len * LINE_BYTES;
     }
     Some(tables)
@@ -904,12 +908,7 @@ fn cut_lines(lines: usize, bytes: usize) -> Option<Lines> {
     }
     *frontier = (next + bytes, end);
     drop(frontier);
-    let ptr = next as *mut Line;
-    Some(Lines {
-        ptr: std::ptr::NonNull::new(ptr)?,
-        len: lines,
-        backing: Backing::Mapped(ptr.cast(), bytes),
-    })
+    Lines::mapped(next as *mut u8, lines, bytes)
 }
 
 #[cfg(seen_loom)]
