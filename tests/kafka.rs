@@ -884,3 +884,62 @@ async fn partition_stores_move_with_their_partition() {
             .exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_subscription_keeps_each_topics_partitions_apart() {
+    // Two topics matched by one pattern, each with a partition 0: their
+    // messages, offsets and commits must not be mistaken for each other.
+    let cluster = MockCluster::new(1).unwrap();
+    let topics = ["orders-eu", "orders-us"];
+    for t in topics {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("message.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    // 5 messages on one topic, 9 on the other; ids distinct across both.
+    let counts = [5usize, 9];
+    for (t, &n) in topics.iter().zip(&counts) {
+        for i in 0..n {
+            let id = format!("{t}-{i}");
+            let record = FutureRecord::<str, str>::to(t)
+                .payload(&id)
+                .partition(0)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "idempotency_key",
+                    value: Some(id.as_bytes()),
+                }));
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    }
+    let mut c = DedupConsumerConfig::new(&brokers, "pattern", &["^orders-.*"]);
+    c.commit_interval = Duration::from_millis(100);
+    c.properties = vec![
+        ("session.timeout.ms".into(), "6000".into()),
+        ("topic.metadata.refresh.interval.ms".into(), "500".into()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = DedupConsumer::new(c, engine(dir.path())).unwrap();
+    let seen: Seen = Arc::default();
+    let total: usize = counts.iter().sum();
+    run_until(&consumer, &seen, total as u64, 0).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), total, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    drop(consumer);
+    // Each topic's partition committed to its own end.
+    for (t, &n) in topics.iter().zip(&counts) {
+        assert_eq!(
+            common::committed(&brokers, "pattern", t, 1),
+            vec![n as i64],
+            "{t}"
+        );
+    }
+}

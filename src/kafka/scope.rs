@@ -129,6 +129,16 @@ impl Stores {
         Ok(self)
     }
 
+    /// The guard for `msg`, if its partition's store is open. (Its topic,
+    /// which rdkafka checks as UTF-8 on every call, is read only in
+    /// partition scope.)
+    pub(crate) fn guard_of(&self, msg: &impl rdkafka::Message) -> Option<Arc<IdempotencyGuard>> {
+        match &self.scope {
+            Scope::Global(g) => Some(Arc::clone(g)),
+            Scope::Partition { .. } => self.guard(msg.topic(), msg.partition()),
+        }
+    }
+
     /// The guard for messages of `topic`/`partition`, if its store is open.
     pub(crate) fn guard(&self, topic: &str, partition: i32) -> Option<Arc<IdempotencyGuard>> {
         match &self.scope {
