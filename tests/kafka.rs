@@ -472,7 +472,7 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
     // join takes ~3 s after the first 40): at 20 ms the margin was ~0.6 s,
     // and a loaded machine sometimes saw no rebalance at all.
     let slow = |seen: Seen| {
-        move |msg: Arc<rdkafka::message::OwnedMessage>| {
+        move |msg: Arc<seen::kafka::Received>| {
             let seen = Arc::clone(&seen);
             async move {
                 tokio::time::sleep(Duration::from_millis(40)).await;
@@ -812,7 +812,7 @@ async fn partition_stores_move_with_their_partition() {
     // join takes ~3 s after the first 40): at 20 ms the margin was ~0.6 s,
     // and a loaded machine sometimes saw no rebalance at all.
     let slow = |seen: Seen| {
-        move |msg: Arc<rdkafka::message::OwnedMessage>| {
+        move |msg: Arc<seen::kafka::Received>| {
             let seen = Arc::clone(&seen);
             async move {
                 tokio::time::sleep(Duration::from_millis(40)).await;

@@ -745,7 +745,7 @@ mod kafka_hand_off {
     /// Records `partition:id` of every message handled.
     fn handler(
         seen: Seen,
-    ) -> impl Fn(Arc<rdkafka::message::OwnedMessage>) -> Handled + Send + Sync + 'static {
+    ) -> impl Fn(Arc<seen::kafka::Received>) -> Handled + Send + Sync + 'static {
         move |msg| {
             let seen = Arc::clone(&seen);
             Box::pin(async move {

@@ -41,13 +41,14 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, MessageStream, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
 use super::ids::IdStrategy;
 use super::partitions::{Event, Partition, PartitionStats, Partitions};
 use super::producer::EventProducer;
+use super::received::Received;
 use super::scope::{Scope, Stores};
 use crate::guard::{ClaimHandle, Claimed, IdempotencyGuard, Outcome};
 use crate::stage::id::InvalidId;
@@ -398,7 +399,7 @@ impl DedupConsumer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ConsumeError>
     where
-        H: Fn(Arc<OwnedMessage>) -> Fut,
+        H: Fn(Arc<Received>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
@@ -417,6 +418,20 @@ impl DedupConsumer {
         let mut running = FuturesUnordered::new();
         let mut in_flight = 0usize;
         let handler = &handler;
+        // A message's run through the handler. All runs are one type, so
+        // the box of a run that finished inline takes the next one (one
+        // allocation less per message).
+        let start = |key, msg: Arc<Received>, generation, claim| async move {
+            let offset = msg.offset();
+            let result = self.handle(&msg, claim, handler).await;
+            Finished {
+                key,
+                offset,
+                generation,
+                result,
+            }
+        };
+        let mut spare = None;
         // One stream for the whole run: its waker slot is registered once,
         // not once per message.
         let mut messages = self.consumer.stream();
@@ -483,8 +498,9 @@ impl DedupConsumer {
                         // A negative partition: no broker sends one.
                         continue;
                     };
-                    let lane = lanes.get_or_insert_with(key, || {
-                        self.partitions.get(topic, msg.partition()).map(Lane::new)
+                    let lane = lanes.get_or_insert_with(key, |topic| {
+                        let partition = self.partitions.get(topic, msg.partition())?;
+                        Some(Lane::new(partition, topic))
                     });
                     let Some(lane) = lane else {
                         continue;
@@ -499,7 +515,8 @@ impl DedupConsumer {
                     }
                     if lane.busy {
                         // Its partition is busy: one copy waits behind it.
-                        lane.waiting.push_back((Arc::new(msg.detach()), generation));
+                        let copy = Received::copy_of(&msg, Arc::clone(&lane.topic));
+                        lane.waiting.push_back((Arc::new(copy), generation));
                         in_flight += 1;
                         None
                     } else {
@@ -512,7 +529,8 @@ impl DedupConsumer {
                             }
                             Ok(Begin::Start(claim)) => {
                                 // One copy, shared with every attempt of the handler.
-                                let owned = Arc::new(msg.detach());
+                                let owned =
+                                    Arc::new(Received::copy_of(&msg, Arc::clone(&lane.topic)));
                                 Some((key, owned, generation, claim))
                             }
                             Err(e) => break Err(e),
@@ -542,15 +560,7 @@ impl DedupConsumer {
                     break;
                 };
                 let offset = msg.offset();
-                let mut work = Box::pin(async move {
-                    let result = self.handle(&msg, claim, handler).await;
-                    Finished {
-                        key,
-                        offset,
-                        generation,
-                        result,
-                    }
-                });
+                let mut work = reuse(&mut spare, start(key, msg, generation, claim));
                 match poll_once(&mut work).await {
                     Poll::Pending => {
                         lane.busy = true;
@@ -558,6 +568,7 @@ impl DedupConsumer {
                         running.push(work);
                     }
                     Poll::Ready(f) => {
+                        spare = Some(work);
                         match f.result {
                             Ok(h) => dirty |= self.finish(&lane.partition, offset, generation, h),
                             Err(e) => break 'consume Err(e),
@@ -739,12 +750,12 @@ impl DedupConsumer {
     /// flight elsewhere) and the invalid-id policy.
     async fn handle<H, Fut, E>(
         &self,
-        msg: &Arc<OwnedMessage>,
+        msg: &Arc<Received>,
         claim: Option<ClaimHandle<Arc<IdempotencyGuard>>>,
         handler: &H,
     ) -> Result<Handled, ConsumeError>
     where
-        H: Fn(Arc<OwnedMessage>) -> Fut,
+        H: Fn(Arc<Received>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
@@ -831,7 +842,7 @@ impl DedupConsumer {
     }
 
     /// A message without a usable id, per the configured policy.
-    async fn invalid(&self, msg: &OwnedMessage, why: InvalidId) -> Result<(), ConsumeError> {
+    async fn invalid(&self, msg: &Received, why: InvalidId) -> Result<(), ConsumeError> {
         self.stats.invalid.fetch_add(1, Relaxed);
         self.count(msg, Event::Invalid);
         tracing::warn!(
@@ -855,7 +866,7 @@ impl DedupConsumer {
 
     /// Send `msg` (key, payload, headers) to the dead-letter topic with the
     /// reason and its origin in headers, and wait for the broker.
-    async fn dead_letter(&self, msg: &OwnedMessage, why: &str) -> Result<(), ConsumeError> {
+    async fn dead_letter(&self, msg: &Received, why: &str) -> Result<(), ConsumeError> {
         let Some((producer, topic)) = &self.dead_letters else {
             return Err(ConsumeError::NoDeadLetterTopic);
         };
@@ -879,7 +890,7 @@ impl DedupConsumer {
 
     /// Count an event off the hot path (failures, invalid ids, dead
     /// letters, duplicates met while waiting).
-    fn count(&self, msg: &OwnedMessage, event: Event) {
+    fn count(&self, msg: &Received, event: Event) {
         if let Some(p) = self.partitions.get(msg.topic(), msg.partition()) {
             p.count(event);
         }
@@ -949,7 +960,7 @@ enum Begin {
 /// generation at receipt and its claim if taken.
 type Ready = (
     PartitionKey,
-    Arc<OwnedMessage>,
+    Arc<Received>,
     u64,
     Option<ClaimHandle<Arc<IdempotencyGuard>>>,
 );
@@ -957,17 +968,20 @@ type Ready = (
 /// One partition's place in the loop.
 struct Lane {
     partition: Arc<Partition>,
+    /// Its topic's name, shared by the copies made for the handler.
+    topic: Arc<str>,
     /// Received while a message of the partition was being handled, with
     /// the partition's generation then.
-    waiting: VecDeque<(Arc<OwnedMessage>, u64)>,
+    waiting: VecDeque<(Arc<Received>, u64)>,
     /// A message of the partition is in `running`.
     busy: bool,
 }
 
 impl Lane {
-    fn new(partition: Arc<Partition>) -> Self {
+    fn new(partition: Arc<Partition>, topic: &Arc<str>) -> Self {
         Lane {
             partition,
+            topic: Arc::clone(topic),
             waiting: VecDeque::new(),
             busy: false,
         }
@@ -990,6 +1004,17 @@ struct Finished {
     result: Result<Handled, ConsumeError>,
 }
 
+/// `run` in the `spare` box if there is one, else in a new box.
+fn reuse<F>(spare: &mut Option<Pin<Box<F>>>, run: F) -> Pin<Box<F>> {
+    match spare.take() {
+        Some(mut work) => {
+            work.as_mut().set(run);
+            work
+        }
+        None => Box::pin(run),
+    }
+}
+
 /// Poll `work` once in the caller's task: a future that is ready at once
 /// never needs a place in the `FuturesUnordered`.
 async fn poll_once<F: Future + ?Sized>(work: &mut Pin<Box<F>>) -> Poll<F::Output> {
@@ -1007,7 +1032,7 @@ type PartitionKey = (usize, usize);
 struct Lanes {
     /// The topics received from, in the order first seen: a pattern
     /// subscription may bring any number, each told apart.
-    topics: Vec<String>,
+    topics: Vec<Arc<str>>,
     /// `rows[topic][partition]`.
     rows: Vec<Vec<Option<Lane>>>,
 }
@@ -1016,10 +1041,10 @@ impl Lanes {
     /// The key of `topic`/`partition` (`None` for a negative partition).
     fn key(&mut self, topic: &str, partition: i32) -> Option<PartitionKey> {
         let partition = usize::try_from(partition).ok()?;
-        let topic = match self.topics.iter().position(|t| t == topic) {
+        let topic = match self.topics.iter().position(|t| **t == *topic) {
             Some(t) => t,
             None => {
-                self.topics.push(topic.to_owned());
+                self.topics.push(topic.into());
                 self.rows.push(Vec::new());
                 self.topics.len() - 1
             }
@@ -1035,12 +1060,12 @@ impl Lanes {
         self.rows.get_mut(topic)?.get_mut(partition)?.as_mut()
     }
 
-    /// The lane of `key` (from [`Lanes::key`]), made by `make` if it has
-    /// none yet.
+    /// The lane of `key` (from [`Lanes::key`]), made by `make` from the
+    /// topic's name if it has none yet.
     fn get_or_insert_with(
         &mut self,
         (topic, partition): PartitionKey,
-        make: impl FnOnce() -> Option<Lane>,
+        make: impl FnOnce(&Arc<str>) -> Option<Lane>,
     ) -> Option<&mut Lane> {
         let row = self.rows.get_mut(topic)?;
         if row.len() <= partition {
@@ -1048,7 +1073,7 @@ impl Lanes {
         }
         let lane = &mut row[partition];
         if lane.is_none() {
-            *lane = Some(make()?);
+            *lane = Some(make(&self.topics[topic])?);
         }
         lane.as_mut()
     }

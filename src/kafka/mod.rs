@@ -30,6 +30,7 @@ mod consumer;
 mod ids;
 mod partitions;
 mod producer;
+mod received;
 mod scope;
 pub mod sink;
 pub mod stage;
@@ -44,6 +45,7 @@ pub use producer::{
     Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,
     CORRELATION_ID_HEADER, EVENT_TYPE_HEADER,
 };
+pub use received::{Received, ReceivedHeaders};
 #[cfg(feature = "postgres")]
 pub use scope::PartitionCheckpoint;
 pub use scope::Scope;

@@ -1,0 +1,221 @@
+//! The message a [`DedupConsumer`](super::DedupConsumer) handler gets.
+
+use std::sync::Arc;
+
+use rdkafka::message::{Header, Headers, Message, Timestamp};
+
+/// A message the loop received, copied once for its handler. It reads like
+/// any rdkafka message: it implements [`Message`] (`payload()`, `key()`,
+/// `headers()`, `topic()`, …).
+///
+/// The copy is made for a new id only (a duplicate is decided without
+/// one), and is lean: key and payload in one buffer, the headers in
+/// another, the topic's name shared by every message of the topic.
+/// rdkafka's `detach` into an `OwnedMessage` took six allocations (topic,
+/// key, payload, librdkafka's copy of the header list and of each header,
+/// and the `Arc` around it); this takes four (the `Arc`, the key and
+/// payload, the headers' bytes and where each ends), two without headers.
+#[derive(Clone, Debug)]
+pub struct Received {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    timestamp: Timestamp,
+    /// The key, then the payload.
+    bytes: Box<[u8]>,
+    /// The key's length; `None` when the message has no key.
+    key: Option<usize>,
+    /// Whether the message has a payload (the rest of `bytes`): a null
+    /// value (a tombstone) is told apart from an empty one.
+    payload: bool,
+    headers: Option<ReceivedHeaders>,
+}
+
+impl Received {
+    /// A copy of `msg`, whose topic is `topic` (shared, not copied).
+    pub(crate) fn copy_of(msg: &impl Message, topic: Arc<str>) -> Received {
+        let (key, payload) = (msg.key(), msg.payload());
+        let len = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        let mut bytes = Vec::with_capacity(len);
+        bytes.extend_from_slice(key.unwrap_or_default());
+        bytes.extend_from_slice(payload.unwrap_or_default());
+        Received {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp: msg.timestamp(),
+            bytes: bytes.into_boxed_slice(),
+            key: key.map(<[u8]>::len),
+            payload: payload.is_some(),
+            headers: msg.headers().map(ReceivedHeaders::copy_of),
+        }
+    }
+}
+
+impl Message for Received {
+    type Headers = ReceivedHeaders;
+
+    fn key(&self) -> Option<&[u8]> {
+        self.key.map(|k| &self.bytes[..k])
+    }
+
+    fn payload(&self) -> Option<&[u8]> {
+        self.payload.then(|| &self.bytes[self.key.unwrap_or(0)..])
+    }
+
+    // Declared unsafe by the trait for librdkafka's buffers; this one is
+    // our own, so there is nothing to uphold.
+    #[allow(unsafe_code)]
+    unsafe fn payload_mut(&mut self) -> Option<&mut [u8]> {
+        let start = self.key.unwrap_or(0);
+        self.payload.then(|| &mut self.bytes[start..])
+    }
+
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+
+    fn headers(&self) -> Option<&ReceivedHeaders> {
+        self.headers.as_ref()
+    }
+}
+
+/// A [`Received`] message's headers, in their order, in one buffer.
+#[derive(Clone, Debug)]
+pub struct ReceivedHeaders {
+    /// Per header, where its name ends and its value ends in `bytes`
+    /// (`None` for a null value); each starts where the one before ended.
+    ends: Vec<(usize, Option<usize>)>,
+    /// Names and values back to back.
+    bytes: Box<[u8]>,
+}
+
+impl ReceivedHeaders {
+    fn copy_of(headers: &impl Headers) -> ReceivedHeaders {
+        let mut len = 0;
+        for h in headers.iter() {
+            len += h.key.len() + h.value.map_or(0, <[u8]>::len);
+        }
+        let mut bytes = Vec::with_capacity(len);
+        let mut ends = Vec::with_capacity(headers.count());
+        for h in headers.iter() {
+            bytes.extend_from_slice(h.key.as_bytes());
+            let name_end = bytes.len();
+            let value_end = h.value.map(|v| {
+                bytes.extend_from_slice(v);
+                bytes.len()
+            });
+            ends.push((name_end, value_end));
+        }
+        ReceivedHeaders {
+            ends,
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+}
+
+impl Headers for ReceivedHeaders {
+    fn count(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+        let &(name_end, value_end) = self.ends.get(idx)?;
+        // Where this header starts: where the one before it ended.
+        let start = match idx.checked_sub(1).map(|i| self.ends[i]) {
+            Some((name_end, value_end)) => value_end.unwrap_or(name_end),
+            None => 0,
+        };
+        Some(Header {
+            // Copied from a `&str`, so always UTF-8.
+            key: std::str::from_utf8(&self.bytes[start..name_end]).ok()?,
+            value: value_end.map(|end| &self.bytes[name_end..end]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{OwnedHeaders, OwnedMessage};
+
+    fn copy(key: Option<&[u8]>, payload: Option<&[u8]>, headers: Option<OwnedHeaders>) -> Received {
+        let msg = OwnedMessage::new(
+            payload.map(<[u8]>::to_vec),
+            key.map(<[u8]>::to_vec),
+            "orders".into(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            3,
+            42,
+            headers,
+        );
+        Received::copy_of(&msg, "orders".into())
+    }
+
+    #[test]
+    fn a_copy_reads_like_the_message() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "idempotency_key",
+                value: Some("id-1"),
+            })
+            .insert(Header {
+                key: "tombstone",
+                value: None::<&[u8]>,
+            })
+            .insert(Header {
+                key: "",
+                value: Some(""),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("created"),
+            });
+        let m = copy(Some(b"k"), Some(b"{\"a\":1}"), Some(headers));
+        assert_eq!(m.key(), Some(&b"k"[..]));
+        assert_eq!(m.payload(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!((m.topic(), m.partition(), m.offset()), ("orders", 3, 42));
+        assert_eq!(m.timestamp(), Timestamp::CreateTime(1_700_000_000_000));
+        let h = m.headers().expect("headers");
+        let all: Vec<(&str, Option<&[u8]>)> = h.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            all,
+            vec![
+                ("idempotency_key", Some(&b"id-1"[..])),
+                ("tombstone", None),
+                ("", Some(&b""[..])),
+                ("event_type", Some(&b"created"[..])),
+            ]
+        );
+        assert!(h.try_get(4).is_none());
+    }
+
+    #[test]
+    fn no_key_no_payload_and_empty_ones_stay_apart() {
+        let m = copy(None, None, None);
+        assert_eq!((m.key(), m.payload()), (None, None));
+        assert!(m.headers().is_none());
+        let m = copy(Some(b""), Some(b""), Some(OwnedHeaders::new()));
+        assert_eq!((m.key(), m.payload()), (Some(&b""[..]), Some(&b""[..])));
+        assert_eq!(m.headers().map(Headers::count), Some(0));
+        let mut m = copy(None, Some(b"abc"), None);
+        assert_eq!(m.key(), None);
+        // SAFETY (test): our own buffer, see `payload_mut`.
+        #[allow(unsafe_code)]
+        let p = unsafe { m.payload_mut() }.expect("payload");
+        p[0] = b'x';
+        assert_eq!(m.payload(), Some(&b"xbc"[..]));
+    }
+}
