@@ -283,7 +283,8 @@ pub fn encode_record(seed: u32, record: &Record) -> [u8; MARK_RECORD_LEN] {
     let (fp_bytes, exp_bytes) = payload.split_at_mut(16);
     fp_bytes.copy_from_slice(&fp.to_le_bytes());
     exp_bytes.copy_from_slice(&expiry.to_le_bytes());
-    head[4..].copy_from_slice(&[kind, 0, MARK_PAYLOAD_LEN as u8, 0]);
+    let (_crc, meta) = head.split_at_mut(4);
+    meta.copy_from_slice(&[kind, 0, MARK_PAYLOAD_LEN as u8, 0]);
     // One call over everything after the CRC field (the kind, the length
     // and the payload are contiguous): for a record this short the
     // crate's setup costs more than the bytes. Two calls were 38 % of
