@@ -23,10 +23,12 @@
 //!
 //! The per-message path is kept short because it runs once per event at
 //! broker speed: a duplicate is decided from the borrowed message (no
-//! copy), a handler that completes without waiting finishes inline, the
-//! next message is peeked at so its set slot is prefetched while the
-//! current one is handled, and offsets are handed to librdkafka once per
-//! partition per commit rather than once per message.
+//! copy; a new id gets one lean [`Received`] copy), a handler that
+//! completes without waiting finishes inline (in the box the last such run
+//! used), the next message is peeked at so its set slot is prefetched
+//! while the current one is handled, partitions are found by index, and
+//! offsets are handed to librdkafka once per partition per commit rather
+//! than once per message.
 
 use std::collections::VecDeque;
 use std::future::Future;
