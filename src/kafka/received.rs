@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rdkafka::message::{Header, Headers, Message, Timestamp};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp};
 
 /// A message the loop received, copied once for its handler. It reads like
 /// any rdkafka message: it implements [`Message`] (`payload()`, `key()`,
@@ -49,6 +49,31 @@ impl Received {
             payload: payload.is_some(),
             headers: msg.headers().map(ReceivedHeaders::copy_of),
         }
+    }
+}
+
+impl Received {
+    /// This message as an rdkafka `OwnedMessage` (a copy), for code that
+    /// wants that type: to keep it, forward it, or change it.
+    pub fn to_owned_message(&self) -> OwnedMessage {
+        let headers = self.headers.as_ref().map(|h| {
+            h.iter()
+                .fold(OwnedHeaders::new_with_capacity(h.count()), |all, h| {
+                    all.insert(Header {
+                        key: h.key,
+                        value: h.value,
+                    })
+                })
+        });
+        OwnedMessage::new(
+            self.payload().map(<[u8]>::to_vec),
+            self.key().map(<[u8]>::to_vec),
+            self.topic.to_string(),
+            self.timestamp,
+            self.partition,
+            self.offset,
+            headers,
+        )
     }
 }
 
@@ -149,7 +174,6 @@ impl Headers for ReceivedHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::{OwnedHeaders, OwnedMessage};
 
     fn copy(key: Option<&[u8]>, payload: Option<&[u8]>, headers: Option<OwnedHeaders>) -> Received {
         let msg = OwnedMessage::new(
@@ -200,6 +224,20 @@ mod tests {
             ]
         );
         assert!(h.try_get(4).is_none());
+        // And back to rdkafka's own type, unchanged.
+        let owned = m.to_owned_message();
+        assert_eq!((owned.key(), owned.payload()), (m.key(), m.payload()));
+        assert_eq!(
+            (owned.topic(), owned.partition(), owned.offset()),
+            ("orders", 3, 42)
+        );
+        let back: Vec<(&str, Option<&[u8]>)> = owned
+            .headers()
+            .expect("headers")
+            .iter()
+            .map(|h| (h.key, h.value))
+            .collect();
+        assert_eq!(back, all);
     }
 
     #[test]
