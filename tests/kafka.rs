@@ -904,19 +904,7 @@ async fn a_pattern_subscription_keeps_each_topics_partitions_apart() {
     let counts = [5usize, 9];
     for (t, &n) in topics.iter().zip(&counts) {
         for i in 0..n {
-            let id = format!("{t}-{i}");
-            let record = FutureRecord::<str, str>::to(t)
-                .payload(&id)
-                .partition(0)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "idempotency_key",
-                    value: Some(id.as_bytes()),
-                }));
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            common::send_with_id(&producer, t, 0, &format!("{t}-{i}")).await;
         }
     }
     let mut c = DedupConsumerConfig::new(&brokers, "pattern", &["^orders-.*"]);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use seen::checkpoint::{Checkpointer, ImportTable, PgError, PgOptions, Postgres};
 use seen::{Durability, Engine, EngineBuilder, Verdict};
 
+#[cfg(feature = "kafka")]
+mod common;
 mod pg;
 use pg::Cluster;
 
@@ -697,9 +699,9 @@ mod kafka_hand_off {
     use std::time::Duration;
 
     use rdkafka::config::ClientConfig;
-    use rdkafka::message::{Header, Message, OwnedHeaders};
+    use rdkafka::message::Message;
     use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureProducer;
     use seen::checkpoint::PgOptions;
     use seen::kafka::{DedupConsumer, DedupConsumerConfig, PartitionCheckpoint, Scope};
 
@@ -782,18 +784,7 @@ mod kafka_hand_off {
             .create()
             .unwrap();
         for (i, id) in msgs.iter().enumerate() {
-            let record = FutureRecord::<str, str>::to(TOPIC)
-                .payload(id)
-                .partition((i % 2) as i32)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "idempotency_key",
-                    value: Some(id.as_bytes()),
-                }));
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            crate::common::send_with_id(&producer, TOPIC, (i % 2) as i32, id).await;
         }
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let seen: Seen = Arc::default();

@@ -6,7 +6,26 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+
+/// Send `id` as the payload of a message to `topic`/`partition`, with `id`
+/// in its `idempotency_key` header too, and wait for the broker.
+pub async fn send_with_id(producer: &FutureProducer, topic: &str, partition: i32, id: &str) {
+    let record = FutureRecord::<str, str>::to(topic)
+        .payload(id)
+        .partition(partition)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "idempotency_key",
+            value: Some(id.as_bytes()),
+        }));
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
 
 /// Committed offsets of `group` on `topic`'s first `partitions`, as plain
 /// numbers (-1 where none). Converted at once: a TopicPartitionList still
