@@ -13,8 +13,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, Tim
 /// another, the topic's name shared by every message of the topic.
 /// rdkafka's `detach` into an `OwnedMessage` took six allocations (topic,
 /// key, payload, librdkafka's copy of the header list and of each header,
-/// and the `Arc` around it); this takes four (the `Arc`, the key and
-/// payload, the headers' bytes and where each ends), two without headers.
+/// and the `Arc` around it); this takes three (the `Arc`, the key and
+/// payload, the headers), two without headers.
 #[derive(Clone, Debug)]
 pub struct Received {
     topic: Arc<str>,
@@ -120,53 +120,106 @@ impl Message for Received {
 /// A [`Received`] message's headers, in their order, in one buffer.
 #[derive(Clone, Debug)]
 pub struct ReceivedHeaders {
-    /// Per header, where its name ends and its value ends in `bytes`
-    /// (`None` for a null value); each starts where the one before ended.
-    ends: Vec<(usize, Option<usize>)>,
-    /// Names and values back to back.
+    count: usize,
+    /// First an index, per header where its name ends and where its value
+    /// ends (`NULL` for a null value), 8 bytes each, little endian; then
+    /// the names and values back to back, each starting where the one
+    /// before it ended. One allocation for all of it.
     bytes: Box<[u8]>,
 }
 
+/// A null value's end in [`ReceivedHeaders`]' index.
+const NULL: u64 = u64::MAX;
+/// Bytes of the index per header.
+const INDEX: usize = 16;
+
 impl ReceivedHeaders {
     fn copy_of(headers: &impl Headers) -> ReceivedHeaders {
-        let mut len = 0;
+        // Each header read from librdkafka is a call across the FFI (and a
+        // UTF-8 check of its name): the first few are kept from the pass
+        // that sizes the buffer, so they are read once.
+        const KEPT: usize = 8;
+        let mut kept: [Option<Header<'_, &[u8]>>; KEPT] = std::array::from_fn(|_| None);
+        let (mut count, mut data) = (0, 0);
         for h in headers.iter() {
-            len += h.key.len() + h.value.map_or(0, <[u8]>::len);
+            data += h.key.len() + h.value.map_or(0, <[u8]>::len);
+            if let Some(slot) = kept.get_mut(count) {
+                *slot = Some(h);
+            }
+            count += 1;
         }
-        let mut bytes = Vec::with_capacity(len);
-        let mut ends = Vec::with_capacity(headers.count());
-        for h in headers.iter() {
+        let mut bytes = Vec::with_capacity(count * INDEX + data);
+        bytes.resize(count * INDEX, 0);
+        let mut put = |i: usize, h: Header<'_, &[u8]>| {
             bytes.extend_from_slice(h.key.as_bytes());
-            let name_end = bytes.len();
-            let value_end = h.value.map(|v| {
+            let name_end = bytes.len() as u64;
+            let value_end = h.value.map_or(NULL, |v| {
                 bytes.extend_from_slice(v);
-                bytes.len()
+                bytes.len() as u64
             });
-            ends.push((name_end, value_end));
+            bytes[i * INDEX..i * INDEX + 8].copy_from_slice(&name_end.to_le_bytes());
+            bytes[i * INDEX + 8..(i + 1) * INDEX].copy_from_slice(&value_end.to_le_bytes());
+        };
+        if count <= KEPT {
+            kept.into_iter()
+                .flatten()
+                .enumerate()
+                .for_each(|(i, h)| put(i, h));
+        } else {
+            headers
+                .iter()
+                .take(count)
+                .enumerate()
+                .for_each(|(i, h)| put(i, h));
         }
         ReceivedHeaders {
-            ends,
+            count,
             bytes: bytes.into_boxed_slice(),
         }
+    }
+
+    /// Where header `i`'s name and value end (its index entry).
+    fn ends(&self, i: usize) -> Option<(usize, Option<usize>)> {
+        let at = i.checked_mul(INDEX)?;
+        let word = |at: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                self.bytes.get(at..at + 8)?.try_into().ok()?,
+            ))
+        };
+        let name_end = usize::try_from(word(at)?).ok()?;
+        let value_end = match word(at + 8)? {
+            NULL => None,
+            end => Some(usize::try_from(end).ok()?),
+        };
+        Some((name_end, value_end))
     }
 }
 
 impl Headers for ReceivedHeaders {
     fn count(&self) -> usize {
-        self.ends.len()
+        self.count
     }
 
     fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
-        let &(name_end, value_end) = self.ends.get(idx)?;
+        if idx >= self.count {
+            return None;
+        }
+        let (name_end, value_end) = self.ends(idx)?;
         // Where this header starts: where the one before it ended.
-        let start = match idx.checked_sub(1).map(|i| self.ends[i]) {
-            Some((name_end, value_end)) => value_end.unwrap_or(name_end),
-            None => 0,
+        let start = match idx.checked_sub(1) {
+            Some(before) => {
+                let (name_end, value_end) = self.ends(before)?;
+                value_end.unwrap_or(name_end)
+            }
+            None => self.count * INDEX,
         };
         Some(Header {
             // Copied from a `&str`, so always UTF-8.
-            key: std::str::from_utf8(&self.bytes[start..name_end]).ok()?,
-            value: value_end.map(|end| &self.bytes[name_end..end]),
+            key: std::str::from_utf8(self.bytes.get(start..name_end)?).ok()?,
+            value: match value_end {
+                Some(end) => Some(self.bytes.get(name_end..end)?),
+                None => None,
+            },
         })
     }
 }
@@ -238,6 +291,26 @@ mod tests {
             .map(|h| (h.key, h.value))
             .collect();
         assert_eq!(back, all);
+    }
+
+    #[test]
+    fn many_headers_copy_in_order() {
+        // More than the copy keeps from its first pass over them.
+        let headers = (0..20).fold(OwnedHeaders::new(), |all, i| {
+            let value = (i % 3 != 0).then(|| format!("value-{i}"));
+            all.insert(Header {
+                key: &format!("h{i}"),
+                value: value.as_deref(),
+            })
+        });
+        let m = copy(None, Some(b"p"), Some(headers));
+        let h = m.headers().expect("headers");
+        assert_eq!(h.count(), 20);
+        for (i, got) in h.iter().enumerate() {
+            assert_eq!(got.key, format!("h{i}"));
+            let want = (i % 3 != 0).then(|| format!("value-{i}"));
+            assert_eq!(got.value, want.as_deref().map(str::as_bytes));
+        }
     }
 
     #[test]
