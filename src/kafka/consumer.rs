@@ -30,7 +30,7 @@
 //! offsets are handed to librdkafka once per partition per commit rather
 //! than once per message.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -1035,6 +1035,11 @@ struct Lanes {
     /// The topics received from, in the order first seen: a pattern
     /// subscription may bring any number, each told apart.
     topics: Vec<Arc<str>>,
+    /// Each topic's place in `topics`.
+    places: HashMap<Arc<str>, usize>,
+    /// The place of the topic of the last message: messages come in runs
+    /// of one topic, and a comparison is cheaper than hashing the name.
+    last: usize,
     /// `rows[topic][partition]`.
     rows: Vec<Vec<Option<Lane>>>,
 }
@@ -1043,15 +1048,21 @@ impl Lanes {
     /// The key of `topic`/`partition` (`None` for a negative partition).
     fn key(&mut self, topic: &str, partition: i32) -> Option<PartitionKey> {
         let partition = usize::try_from(partition).ok()?;
-        let topic = match self.topics.iter().position(|t| **t == *topic) {
-            Some(t) => t,
+        if self.topics.get(self.last).is_some_and(|t| **t == *topic) {
+            return Some((self.last, partition));
+        }
+        let place = match self.places.get(topic) {
+            Some(&place) => place,
             None => {
-                self.topics.push(topic.into());
+                let name: Arc<str> = topic.into();
+                self.topics.push(Arc::clone(&name));
+                self.places.insert(name, self.topics.len() - 1);
                 self.rows.push(Vec::new());
                 self.topics.len() - 1
             }
         };
-        Some((topic, partition))
+        self.last = place;
+        Some((place, partition))
     }
 
     fn get(&self, (topic, partition): PartitionKey) -> Option<&Lane> {
@@ -1144,4 +1155,41 @@ fn jitter(d: Duration) -> Duration {
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
     d.mul_f64(0.5 + (nanos % 1000) as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_tell_topics_and_partitions_apart() {
+        let mut lanes = Lanes::default();
+        let a0 = lanes.key("orders-eu", 0).unwrap();
+        let b0 = lanes.key("orders-us", 0).unwrap();
+        let a3 = lanes.key("orders-eu", 3).unwrap();
+        assert_ne!(a0, b0, "same partition, different topics");
+        assert_eq!(a3, (a0.0, 3));
+        // Found again, whether or not it was the last topic seen.
+        assert_eq!(lanes.key("orders-eu", 0), Some(a0));
+        assert_eq!(lanes.key("orders-eu", 0), Some(a0));
+        assert_eq!(lanes.key("orders-us", 0), Some(b0));
+        assert_eq!(lanes.key("orders-eu", -1), None, "no negative partitions");
+        assert_eq!(lanes.topics.len(), 2);
+
+        let partitions = Partitions::default();
+        let made = |topic: &Arc<str>, p: i32| Some(Lane::new(partitions.get(topic, p)?, topic));
+        assert!(lanes.get(a3).is_none());
+        let lane = lanes.get_or_insert_with(a3, |t| made(t, 3)).unwrap();
+        assert_eq!(&*lane.topic, "orders-eu");
+        lane.busy = true;
+        // Made once: the second call finds the first lane.
+        let again = lanes
+            .get_or_insert_with(a3, |_| panic!("made twice"))
+            .unwrap();
+        assert!(again.busy);
+        assert!(lanes.get(a0).is_none(), "partition 0 has no lane yet");
+        assert!(lanes.get_or_insert_with(b0, |_| None).is_none());
+        assert!(lanes.get(b0).is_none());
+        assert!(lanes.get_mut((7, 0)).is_none(), "unknown topic place");
+    }
 }
