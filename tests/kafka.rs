@@ -931,3 +931,67 @@ async fn a_pattern_subscription_keeps_each_topics_partitions_apart() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_read_not_a_panic() {
+    // rdkafka's `Headers` unwraps each name as UTF-8: reading headers that
+    // way stopped the loop on such a message, and again after a restart.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, &[(Some("a"), "a")]).await;
+    common::produce_with_raw_header_name(&brokers, TOPIC, 1, "b", b"bad-\xff\xfe-name");
+    common::produce_with_raw_header_name(&brokers, TOPIC, 0, "b", b"\xc3(");
+    produce(&brokers, &[(Some("c"), "c")]).await;
+
+    // Ids from the header (read by name), and from topic-partition-offset
+    // (the headers only copied for the handler).
+    for (group, ids, handled, duplicates) in [("raw-h", "header", 3, 1), ("raw-t", "tpo", 4, 0)] {
+        let mut c = config(&brokers, group);
+        c.ids = ids.parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let consumer = DedupConsumer::new(c, engine(dir.path())).unwrap();
+        let names = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stats = consumer.stats();
+        let shutdown = async {
+            for _ in 0..3000 {
+                if stats.done.load(std::sync::atomic::Ordering::Relaxed) >= 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let seen = Arc::clone(&names);
+        consumer
+            .run(
+                move |msg: Arc<seen::kafka::Received>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        use rdkafka::message::Headers;
+                        let mut seen = seen.lock().unwrap();
+                        for h in msg.headers().into_iter().flat_map(|h| h.iter()) {
+                            seen.push(h.key.to_owned());
+                        }
+                        Ok::<_, std::io::Error>(())
+                    }
+                },
+                shutdown,
+            )
+            .await
+            .unwrap();
+        let s = consumer.stats();
+        // By header: a, b once (its second copy is a duplicate), c.
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(count(&s.handled), handled, "{ids}");
+        assert_eq!(count(&s.duplicates), duplicates, "{ids}");
+        let names = names.lock().unwrap();
+        assert!(
+            names
+                .iter()
+                .any(|n| n == "bad-\u{fffd}\u{fffd}-name" || n == "\u{fffd}("),
+            "the bad name reaches the handler, repaired: {names:?}"
+        );
+        drop(consumer);
+        assert_eq!(committed(&brokers, group).iter().sum::<i64>(), 4, "{ids}");
+    }
+}

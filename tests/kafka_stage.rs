@@ -272,7 +272,10 @@ fn the_sink_gives_up_within_its_bound_then_fails_fast_while_open() {
     let brokers = cluster.bootstrap_servers();
     let mut config = sink_config(&brokers, "sunk");
     config.retry.give_up_after = Duration::from_millis(800);
-    config.breaker.open_for = Duration::from_secs(2);
+    // Long enough that the breaker is still open when the checks below
+    // run on a loaded machine (at 2 s, a run beside a full build once
+    // found it half-open already); nothing here waits for it to close.
+    config.breaker.open_for = Duration::from_secs(30);
     let mut sink = KafkaSink::new(&config).unwrap();
     cluster.broker_down(1).unwrap();
     send_n(&mut sink, 0, 10);
@@ -592,4 +595,47 @@ fn a_broker_outage_mid_run_is_waited_out_and_loses_nothing() {
         stats.sink.failed.load(Relaxed) > 0,
         "the outage failed deliveries in flight"
     );
+}
+
+#[test]
+fn a_header_name_that_is_not_utf8_passes_through_repaired() {
+    // rdkafka's `Headers` unwraps each name as UTF-8; the stage reads the
+    // messages it consumes without it, and forwards such a name with its
+    // bad bytes replaced.
+    let cluster = MockCluster::new(1).unwrap();
+    for t in ["in", "out"] {
+        cluster.create_topic(t, 2, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "in", &["a".to_owned()]);
+    common::produce_with_raw_header_name(&brokers, "in", 1, "b", b"bad-\xff-name");
+    common::produce_with_raw_header_name(&brokers, "in", 0, "b", b"bad-\xff-name");
+    produce(&brokers, "in", &["c".to_owned()]);
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().open(state.path().join("marks")).unwrap();
+    let mut config = StageConfig::new(&brokers, "stage", &["in"], "out");
+    config.consumer_properties = vec![("session.timeout.ms".into(), "6000".into())];
+    let (r, summary, _) = run_until(&config, &engine, state.path(), |s| {
+        s.read.load(Relaxed) >= 4
+    });
+    r.unwrap();
+    assert_eq!((summary.new, summary.duplicate), (3, 1));
+    let c = common::reader_from_start(&brokers, "out", 2);
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < 3 && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Headers;
+            let names = m
+                .headers()
+                .map_or(Vec::new(), |h| h.iter().map(|h| h.key.to_owned()).collect());
+            let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            out.push((payload, names));
+        }
+    }
+    let mut payloads: Vec<&str> = out.iter().map(|(p, _)| p.as_str()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["b", "payload of a", "payload of c"]);
+    let (_, names) = out.iter().find(|(p, _)| p == "b").unwrap();
+    assert!(names.iter().any(|n| n == "bad-\u{fffd}-name"), "{names:?}");
 }

@@ -43,7 +43,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, MessageStream, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
@@ -696,9 +696,9 @@ impl DedupConsumer {
 
     /// `msg`'s guard and fingerprint, its slot prefetched; `None` when the
     /// id is unreadable (decided again, with the reason, by `begin`).
-    fn locate(&self, msg: &impl Message) -> Option<Located> {
+    fn locate(&self, msg: &BorrowedMessage<'_>) -> Option<Located> {
         let guard = self.stores.guard_of(msg)?;
-        let id = self.config.ids.id_of(msg).ok()?;
+        let id = self.config.ids.id_of_consumed(msg).ok()?;
         let fp = guard.engine().fingerprint(&id).ok()?;
         guard.engine().prefetch(fp);
         Some((guard, fp))
@@ -711,7 +711,7 @@ impl DedupConsumer {
     /// guard is still the same (a fingerprint is keyed per engine).
     fn begin(
         &self,
-        msg: &impl Message,
+        msg: &impl IdSource,
         partition: &Partition,
         known: Option<Located>,
     ) -> Result<Begin, ConsumeError> {
@@ -726,7 +726,7 @@ impl DedupConsumer {
         let fp = match known {
             Some((g, fp)) if Arc::ptr_eq(&g, &guard) => fp,
             _ => {
-                let Ok(id) = self.config.ids.id_of(msg) else {
+                let Ok(id) = msg.id(&self.config.ids) else {
                     return Ok(Begin::Start(None));
                 };
                 let Ok(fp) = guard.engine().fingerprint(&id) else {
@@ -1096,9 +1096,28 @@ impl Lanes {
 enum Step<'a> {
     Tick,
     /// A message, with what `locate` found if it was peeked at.
-    Message(rdkafka::message::BorrowedMessage<'a>, Option<Located>),
+    Message(BorrowedMessage<'a>, Option<Located>),
     Error(KafkaError),
     Finished(Finished),
+}
+
+/// A message the loop reads an id from: one just consumed (its headers
+/// read as raw bytes, see `IdStrategy::id_of_consumed`) or a copy that
+/// waited in its lane.
+trait IdSource: Message {
+    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId>;
+}
+
+impl IdSource for BorrowedMessage<'_> {
+    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId> {
+        ids.id_of_consumed(self)
+    }
+}
+
+impl IdSource for Received {
+    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId> {
+        ids.id_of(self)
+    }
 }
 
 /// A message's guard and its id's fingerprint under that guard's engine.

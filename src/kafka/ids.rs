@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::str::FromStr;
 
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::stage::id::{debezium_id, json_id, InvalidId, Tombstones};
 
@@ -84,9 +84,32 @@ impl FromStr for IdStrategy {
 
 impl IdStrategy {
     /// The id of `msg`.
+    ///
+    /// Headers are read through rdkafka's `Headers`, which panics on a
+    /// header name that is not UTF-8. The consumer loop and the stage read
+    /// the messages they consume without it (a producer can send any
+    /// bytes); use this on messages whose headers came from a `&str`.
     pub fn id_of<'m, M: Message>(&self, msg: &'m M) -> Result<Cow<'m, [u8]>, InvalidId> {
+        self.id_with(msg, &|name| header(msg, name))
+    }
+
+    /// The id of a consumed message, its headers read as raw bytes (see
+    /// `received::each_raw_header`): a header name that is not UTF-8 is
+    /// just another name, never a panic.
+    pub(crate) fn id_of_consumed<'m>(
+        &self,
+        msg: &'m BorrowedMessage<'_>,
+    ) -> Result<Cow<'m, [u8]>, InvalidId> {
+        self.id_with(msg, &|name| super::received::raw_header(msg, name))
+    }
+
+    fn id_with<'m>(
+        &self,
+        msg: &'m impl Message,
+        header: &dyn Fn(&str) -> Option<&'m [u8]>,
+    ) -> Result<Cow<'m, [u8]>, InvalidId> {
         match self {
-            IdStrategy::Header(name) => header(msg, name)
+            IdStrategy::Header(name) => header(name)
                 .map(Cow::Borrowed)
                 .ok_or_else(|| InvalidId::MissingHeader(name.clone())),
             IdStrategy::TopicPartitionOffset => Ok(Cow::Owned(
@@ -104,7 +127,9 @@ impl IdStrategy {
                 debezium_id(msg.payload().unwrap_or_default(), msg.key(), *tombstones)
                     .map(Cow::Owned)
             }
-            IdStrategy::Fallback(first, second) => first.id_of(msg).or_else(|_| second.id_of(msg)),
+            IdStrategy::Fallback(first, second) => first
+                .id_with(msg, header)
+                .or_else(|_| second.id_with(msg, header)),
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The message a [`DedupConsumer`](super::DedupConsumer) handler gets.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp};
+use rdkafka::message::{
+    BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp,
+};
 
 /// A message the loop received, copied once for its handler. It reads like
 /// any rdkafka message: it implements [`Message`] (`payload()`, `key()`,
@@ -33,7 +36,18 @@ pub struct Received {
 
 impl Received {
     /// A copy of `msg`, whose topic is `topic` (shared, not copied).
-    pub(crate) fn copy_of(msg: &impl Message, topic: Arc<str>) -> Received {
+    pub(crate) fn copy_of(msg: &BorrowedMessage<'_>, topic: Arc<str>) -> Received {
+        Self::copy_with(msg, topic, |f| each_raw_header(msg, f))
+    }
+
+    /// A copy of `msg`, its headers as `headers` hands them out (name
+    /// bytes, value). A name that is not UTF-8 is kept with its bad bytes
+    /// replaced by U+FFFD, so every name this type hands out is a `&str`.
+    fn copy_with<'m>(
+        msg: &'m impl Message,
+        topic: Arc<str>,
+        headers: impl FnOnce(&mut dyn FnMut(&'m [u8], Option<&'m [u8]>)) -> bool,
+    ) -> Received {
         let (key, payload) = (msg.key(), msg.payload());
         let len = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
         let mut bytes = Vec::with_capacity(len);
@@ -47,9 +61,68 @@ impl Received {
             bytes: bytes.into_boxed_slice(),
             key: key.map(<[u8]>::len),
             payload: payload.is_some(),
-            headers: msg.headers().map(ReceivedHeaders::copy_of),
+            headers: ReceivedHeaders::copy_of(headers),
         }
     }
+}
+
+/// Call `f` with each header of a consumed message, in order: its name's
+/// bytes and its value. Returns whether the message has headers at all.
+///
+/// Read through librdkafka directly: rdkafka's `Headers::try_get` panics
+/// on a header name that is not UTF-8, and any producer can send one. A
+/// consumer that read headers that way would stop on such a message, and
+/// again on it after every restart.
+pub(crate) fn each_raw_header<'m>(
+    msg: &'m BorrowedMessage<'_>,
+    f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>),
+) -> bool {
+    use rdkafka::bindings as rd;
+    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `msg.ptr()` is the live message `msg` borrows. librdkafka
+    // parses its headers once, keeps them in the message (freed with it),
+    // and sets `headers` only on success.
+    #[allow(unsafe_code)]
+    let found = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut headers) };
+    if found != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || headers.is_null() {
+        return false;
+    }
+    for idx in 0.. {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: `headers` is valid while `msg` is (above); the three out
+        // pointers are locals. An index past the last header is an error,
+        // which ends the loop.
+        #[allow(unsafe_code)]
+        let got =
+            unsafe { rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size) };
+        if got != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            break;
+        }
+        // SAFETY: librdkafka stores a header's name NUL-terminated and its
+        // value as `size` bytes (or a null pointer for a null value), both
+        // inside `headers`, so alive and unchanged while `msg` is borrowed.
+        #[allow(unsafe_code)]
+        let (name, value) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(name).to_bytes(),
+                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
+            )
+        };
+        f(name, value);
+    }
+    true
+}
+
+/// The value of the last header of a consumed message called `name` (see
+/// [`each_raw_header`]; Kafka allows repeats, and the last one wins).
+pub(crate) fn raw_header<'m>(msg: &'m BorrowedMessage<'_>, name: &str) -> Option<&'m [u8]> {
+    let mut last = None;
+    each_raw_header(msg, &mut |n, v| {
+        if n == name.as_bytes() && v.is_some() {
+            last = v;
+        }
+    });
+    last
 }
 
 impl Received {
@@ -133,49 +206,55 @@ const NULL: u64 = u64::MAX;
 /// Bytes of the index per header.
 const INDEX: usize = 16;
 
+/// A header name as text: as it is when it is UTF-8 (always, from a
+/// well-behaved producer), else with each bad sequence replaced by U+FFFD.
+fn name_of(name: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(name)
+}
+
 impl ReceivedHeaders {
-    fn copy_of(headers: &impl Headers) -> ReceivedHeaders {
-        // Each header read from librdkafka is a call across the FFI (and a
-        // UTF-8 check of its name): the first few are kept from the pass
-        // that sizes the buffer, so they are read once.
+    /// The headers `headers` hands out (name bytes, value), read in one
+    /// pass (each is a call into librdkafka); `None` when it says the
+    /// message has none. See [`Received::copy_with`] for names that are
+    /// not UTF-8.
+    fn copy_of<'m>(
+        headers: impl FnOnce(&mut dyn FnMut(&'m [u8], Option<&'m [u8]>)) -> bool,
+    ) -> Option<ReceivedHeaders> {
+        // The first few are kept on the stack; more go to a vector.
         const KEPT: usize = 8;
-        let mut kept: [Option<Header<'_, &[u8]>>; KEPT] = std::array::from_fn(|_| None);
+        type Kept<'m> = (Cow<'m, str>, Option<&'m [u8]>);
+        let mut kept: [Kept<'m>; KEPT] = std::array::from_fn(|_| (Cow::Borrowed(""), None));
+        let mut more = Vec::new();
         let (mut count, mut data) = (0, 0);
-        for h in headers.iter() {
-            data += h.key.len() + h.value.map_or(0, <[u8]>::len);
-            if let Some(slot) = kept.get_mut(count) {
-                *slot = Some(h);
+        let any = headers(&mut |name, value| {
+            let name = name_of(name);
+            data += name.len() + value.map_or(0, <[u8]>::len);
+            match kept.get_mut(count) {
+                Some(slot) => *slot = (name, value),
+                None => more.push((name, value)),
             }
             count += 1;
+        });
+        if !any {
+            return None;
         }
         let mut bytes = Vec::with_capacity(count * INDEX + data);
         bytes.resize(count * INDEX, 0);
-        let mut put = |i: usize, h: Header<'_, &[u8]>| {
-            bytes.extend_from_slice(h.key.as_bytes());
+        let all = kept.iter().take(count).chain(more.iter());
+        for (i, (name, value)) in all.enumerate() {
+            bytes.extend_from_slice(name.as_bytes());
             let name_end = bytes.len() as u64;
-            let value_end = h.value.map_or(NULL, |v| {
+            let value_end = value.map_or(NULL, |v| {
                 bytes.extend_from_slice(v);
                 bytes.len() as u64
             });
             bytes[i * INDEX..i * INDEX + 8].copy_from_slice(&name_end.to_le_bytes());
             bytes[i * INDEX + 8..(i + 1) * INDEX].copy_from_slice(&value_end.to_le_bytes());
-        };
-        if count <= KEPT {
-            kept.into_iter()
-                .flatten()
-                .enumerate()
-                .for_each(|(i, h)| put(i, h));
-        } else {
-            headers
-                .iter()
-                .take(count)
-                .enumerate()
-                .for_each(|(i, h)| put(i, h));
         }
-        ReceivedHeaders {
+        Some(ReceivedHeaders {
             count,
             bytes: bytes.into_boxed_slice(),
-        }
+        })
     }
 
     /// Where header `i`'s name and value end (its index entry).
@@ -238,7 +317,13 @@ mod tests {
             42,
             headers,
         );
-        Received::copy_of(&msg, "orders".into())
+        Received::copy_with(&msg, "orders".into(), |f| match msg.headers() {
+            Some(h) => {
+                h.iter().for_each(|h| f(h.key.as_bytes(), h.value));
+                true
+            }
+            None => false,
+        })
     }
 
     #[test]

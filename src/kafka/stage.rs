@@ -32,11 +32,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedMessage};
+use rdkafka::message::{Header, Message};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::ids::{IdStrategy, IDEMPOTENCY_KEY_HEADER};
 use super::partitions::Partitions;
+use super::received::Received;
 use super::sink::{KafkaSink, Record, SinkConfig, SinkStats};
 use crate::stage::{BoxError, Event, IdSpec, InvalidId, Next, OnInvalid, Sink, Source};
 use crate::Engine;
@@ -132,7 +133,7 @@ impl StageStats {
 /// One input message and its id, read once by the source.
 #[derive(Debug)]
 pub struct StageItem {
-    msg: OwnedMessage,
+    msg: Received,
     id: Result<Vec<u8>, InvalidId>,
 }
 
@@ -414,6 +415,8 @@ pub struct KafkaSource {
     item: Option<StageItem>,
     /// The input topics, in subscription order.
     inputs: Vec<String>,
+    /// The same names, shared by the copies of their messages.
+    topics: Vec<Arc<str>>,
     /// Next offset to commit, per (input topic's index, partition), since
     /// the last ack: no allocation per message. Shared with the sink,
     /// which commits them inside its transaction in transactional mode.
@@ -465,6 +468,11 @@ impl KafkaSource {
             consumer,
             ids: config.ids.clone(),
             inputs: config.inputs.clone(),
+            topics: config
+                .inputs
+                .iter()
+                .map(|t| Arc::from(t.as_str()))
+                .collect(),
             item: None,
             pending: Pending::default(),
             transactional: config.producer.transactional_id.is_some(),
@@ -525,11 +533,18 @@ impl Source for KafkaSource {
                     }
                 }
                 Some(Ok(m)) => {
-                    let msg = m.detach();
-                    drop(m);
                     self.stats.read.fetch_add(1, Relaxed);
-                    let id = self.ids.id_of(&msg).map(Cow::into_owned);
-                    if let Some(t) = self.inputs.iter().position(|t| t == msg.topic()) {
+                    // Read from the consumed message, whose header names
+                    // may be any bytes (see `IdStrategy::id_of_consumed`).
+                    let id = self.ids.id_of_consumed(&m).map(Cow::into_owned);
+                    let input = self.inputs.iter().position(|t| t == m.topic());
+                    let topic = match input {
+                        Some(t) => Arc::clone(&self.topics[t]),
+                        None => m.topic().into(),
+                    };
+                    let msg = Received::copy_of(&m, topic);
+                    drop(m);
+                    if let Some(t) = input {
                         self.pending
                             .lock()
                             .insert((t, msg.partition()), msg.offset() + 1);

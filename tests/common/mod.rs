@@ -156,3 +156,56 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Produce a message to `topic` with `id` as payload and `idempotency_key` header,
+/// plus a header named `name`: any bytes but NUL. (rdkafka's own API takes
+/// only `&str` names; librdkafka, and other clients, take what they get.)
+#[allow(unsafe_code)]
+pub fn produce_with_raw_header_name(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    id: &str,
+    name: &[u8],
+) {
+    use rdkafka::bindings as rd;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::ffi::{c_int, c_void, CString};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let topic = CString::new(topic).unwrap();
+    let id_header = CString::new("idempotency_key").unwrap();
+    let name = CString::new(name).unwrap();
+    let vtype = |t: rd::rd_kafka_vtype_t| t as c_int;
+    // SAFETY: the arguments follow librdkafka's RD_KAFKA_V_* layout
+    // (TOPIC: char*, PARTITION: int32, MSGFLAGS: int, VALUE: void*,
+    // size_t, HEADER: char*, void*, ssize_t, END), every pointer is alive
+    // for the call, and MSG_F_COPY has librdkafka copy the payload.
+    let err = unsafe {
+        rd::rd_kafka_producev(
+            producer.client().native_ptr(),
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC),
+            topic.as_ptr(),
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_PARTITION),
+            partition,
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS),
+            rd::RD_KAFKA_MSG_F_COPY as c_int,
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE),
+            id.as_ptr() as *mut c_void,
+            id.len(),
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER),
+            name.as_ptr(),
+            b"x".as_ptr() as *const c_void,
+            1isize,
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER),
+            id_header.as_ptr(),
+            id.as_ptr() as *const c_void,
+            id.len() as isize,
+            vtype(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_END),
+        )
+    };
+    assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
