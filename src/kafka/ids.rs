@@ -136,6 +136,10 @@ impl IdStrategy {
 
 /// The value of the last header called `name` (Kafka allows repeats; the
 /// last one wins, as in most clients).
+///
+/// Read through rdkafka's `Headers`, which panics on a header name that is
+/// not UTF-8: for a message straight from a consumer, whose producer may
+/// have sent any bytes, see [`IdStrategy::id_of`].
 pub fn header<'m, M: Message>(msg: &'m M, name: &str) -> Option<&'m [u8]> {
     let headers = msg.headers()?;
     headers
