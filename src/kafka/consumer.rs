@@ -561,7 +561,6 @@ impl DedupConsumer {
                 let Some(lane) = lanes.get_mut(key) else {
                     break;
                 };
-                let offset = msg.offset();
                 let mut work = reuse(&mut spare, start(key, msg, generation, claim));
                 match poll_once(&mut work).await {
                     Poll::Pending => {
@@ -572,7 +571,9 @@ impl DedupConsumer {
                     Poll::Ready(f) => {
                         spare = Some(work);
                         match f.result {
-                            Ok(h) => dirty |= self.finish(&lane.partition, offset, generation, h),
+                            Ok(h) => {
+                                dirty |= self.finish(&lane.partition, f.offset, f.generation, h)
+                            }
                             Err(e) => break 'consume Err(e),
                         }
                         match self.next_waiting(key, lane, &mut in_flight, &mut dirty) {

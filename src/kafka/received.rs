@@ -206,12 +206,6 @@ const NULL: u64 = u64::MAX;
 /// Bytes of the index per header.
 const INDEX: usize = 16;
 
-/// A header name as text: as it is when it is UTF-8 (always, from a
-/// well-behaved producer), else with each bad sequence replaced by U+FFFD.
-fn name_of(name: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(name)
-}
-
 impl ReceivedHeaders {
     /// The headers `headers` hands out (name bytes, value), read in one
     /// pass (each is a call into librdkafka); `None` when it says the
@@ -227,7 +221,9 @@ impl ReceivedHeaders {
         let mut more = Vec::new();
         let (mut count, mut data) = (0, 0);
         let any = headers(&mut |name, value| {
-            let name = name_of(name);
+            // As it is when it is UTF-8 (always, from a well-behaved
+            // producer), else with each bad sequence replaced by U+FFFD.
+            let name = String::from_utf8_lossy(name);
             data += name.len() + value.map_or(0, <[u8]>::len);
             match kept.get_mut(count) {
                 Some(slot) => *slot = (name, value),

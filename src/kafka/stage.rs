@@ -396,7 +396,7 @@ type Pending = Arc<Mutex<HashMap<(usize, i32), i64>>>;
 
 /// The input offsets as librdkafka wants them.
 fn offsets_to_commit(
-    inputs: &[String],
+    inputs: &[Arc<str>],
     pending: HashMap<(usize, i32), i64>,
 ) -> Result<TopicPartitionList, KafkaError> {
     let mut tpl = TopicPartitionList::new();
@@ -413,10 +413,9 @@ pub struct KafkaSource {
     consumer: Arc<BaseConsumer<LagContext>>,
     ids: IdStrategy,
     item: Option<StageItem>,
-    /// The input topics, in subscription order.
-    inputs: Vec<String>,
-    /// The same names, shared by the copies of their messages.
-    topics: Vec<Arc<str>>,
+    /// The input topics, in subscription order (shared by the copies of
+    /// their messages).
+    inputs: Vec<Arc<str>>,
     /// Next offset to commit, per (input topic's index, partition), since
     /// the last ack: no allocation per message. Shared with the sink,
     /// which commits them inside its transaction in transactional mode.
@@ -467,8 +466,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             ids: config.ids.clone(),
-            inputs: config.inputs.clone(),
-            topics: config
+            inputs: config
                 .inputs
                 .iter()
                 .map(|t| Arc::from(t.as_str()))
@@ -537,9 +535,9 @@ impl Source for KafkaSource {
                     // Read from the consumed message, whose header names
                     // may be any bytes (see `IdStrategy::id_of_consumed`).
                     let id = self.ids.id_of_consumed(&m).map(Cow::into_owned);
-                    let input = self.inputs.iter().position(|t| t == m.topic());
+                    let input = self.inputs.iter().position(|t| **t == *m.topic());
                     let topic = match input {
-                        Some(t) => Arc::clone(&self.topics[t]),
+                        Some(t) => Arc::clone(&self.inputs[t]),
                         None => m.topic().into(),
                     };
                     let msg = Received::copy_of(&m, topic);
@@ -603,7 +601,7 @@ pub struct StageSink {
 struct TransactionInput {
     consumer: Arc<BaseConsumer<LagContext>>,
     pending: Pending,
-    inputs: Vec<String>,
+    inputs: Vec<Arc<str>>,
 }
 
 impl Sink<StageItem> for StageSink {
