@@ -10,7 +10,9 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use seen::guard::IdempotencyGuard;
-use seen::kafka::{ConsumeError, DedupConsumer, DedupConsumerConfig, InvalidMessages};
+use seen::kafka::{
+    ConsumeError, DedupConsumer, DedupConsumerConfig, IdSource, IdStrategy, InvalidMessages,
+};
 use seen::{Durability, Engine};
 
 mod common;
@@ -994,4 +996,43 @@ async fn a_header_name_that_is_not_utf8_is_read_not_a_panic() {
         drop(consumer);
         assert_eq!(committed(&brokers, group).iter().sum::<i64>(), 4, "{ids}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_id_reader_takes_header_names_that_are_not_utf8() {
+    // `IdStrategy::id_of` and `kafka::header` for code with its own loop:
+    // on a message straight from a consumer and on its owned copy (whose
+    // header list librdkafka copied, bad name and all).
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    common::produce_with_raw_header_name(&brokers, TOPIC, 0, "evt-7", b"bad-\xff-name");
+    let ids = IdStrategy::default();
+    let fallback: IdStrategy = "header:nope|header".parse().unwrap();
+    let reader = common::reader_from_start(&brokers, TOPIC, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let owned = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message never came"
+        );
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            assert_eq!(&*ids.id_of(&m).unwrap(), b"evt-7");
+            assert_eq!(&*fallback.id_of(&m).unwrap(), b"evt-7");
+            assert_eq!(seen::kafka::header(&m, "bad-\u{fffd}-name"), None);
+            break m.detach();
+        }
+    };
+    drop(reader);
+    assert_eq!(&*ids.id_of(&owned).unwrap(), b"evt-7");
+    let mut names = Vec::new();
+    owned.each_header(&mut |name, _| names.push(name.to_vec()));
+    assert_eq!(
+        names,
+        [b"bad-\xff-name".to_vec(), b"idempotency_key".to_vec()]
+    );
+    assert_eq!(
+        seen::kafka::header(&owned, "idempotency_key"),
+        Some(&b"evt-7"[..])
+    );
 }

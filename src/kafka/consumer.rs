@@ -47,7 +47,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientContext;
 
-use super::ids::IdStrategy;
+use super::ids::{IdSource, IdStrategy};
 use super::partitions::{Event, Partition, PartitionStats, Partitions};
 use super::producer::EventProducer;
 use super::received::Received;
@@ -89,7 +89,7 @@ pub const DEAD_LETTER_REASON_HEADER: &str = "seen-dead-letter-reason";
 pub const DEAD_LETTER_ORIGIN_HEADER: &str = "seen-dead-letter-origin";
 
 /// A dead letter's headers: the message's own, the reason, the origin.
-pub(crate) fn dead_letter_headers(msg: &impl Message, why: &str) -> OwnedHeaders {
+pub(crate) fn dead_letter_headers(msg: &impl IdSource, why: &str) -> OwnedHeaders {
     let headers = super::ids::copy_headers(msg, None);
     let origin = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
     headers
@@ -699,7 +699,7 @@ impl DedupConsumer {
     /// id is unreadable (decided again, with the reason, by `begin`).
     fn locate(&self, msg: &BorrowedMessage<'_>) -> Option<Located> {
         let guard = self.stores.guard_of(msg)?;
-        let id = self.config.ids.id_of_consumed(msg).ok()?;
+        let id = self.config.ids.id_of(msg).ok()?;
         let fp = guard.engine().fingerprint(&id).ok()?;
         guard.engine().prefetch(fp);
         Some((guard, fp))
@@ -727,7 +727,7 @@ impl DedupConsumer {
         let fp = match known {
             Some((g, fp)) if Arc::ptr_eq(&g, &guard) => fp,
             _ => {
-                let Ok(id) = msg.id(&self.config.ids) else {
+                let Ok(id) = self.config.ids.id_of(msg) else {
                     return Ok(Begin::Start(None));
                 };
                 let Ok(fp) = guard.engine().fingerprint(&id) else {
@@ -1100,25 +1100,6 @@ enum Step<'a> {
     Message(BorrowedMessage<'a>, Option<Located>),
     Error(KafkaError),
     Finished(Finished),
-}
-
-/// A message the loop reads an id from: one just consumed (its headers
-/// read as raw bytes, see `IdStrategy::id_of_consumed`) or a copy that
-/// waited in its lane.
-trait IdSource: Message {
-    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId>;
-}
-
-impl IdSource for BorrowedMessage<'_> {
-    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId> {
-        ids.id_of_consumed(self)
-    }
-}
-
-impl IdSource for Received {
-    fn id<'m>(&'m self, ids: &IdStrategy) -> Result<std::borrow::Cow<'m, [u8]>, InvalidId> {
-        ids.id_of(self)
-    }
 }
 
 /// A message's guard and its id's fingerprint under that guard's engine.

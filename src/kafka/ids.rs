@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::str::FromStr;
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::Message;
 
 use crate::stage::id::{debezium_id, json_id, InvalidId, Tombstones};
 
@@ -83,33 +83,11 @@ impl FromStr for IdStrategy {
 }
 
 impl IdStrategy {
-    /// The id of `msg`.
-    ///
-    /// Headers are read through rdkafka's `Headers`, which panics on a
-    /// header name that is not UTF-8. The consumer loop and the stage read
-    /// the messages they consume without it (a producer can send any
-    /// bytes); use this on messages whose headers came from a `&str`.
-    pub fn id_of<'m, M: Message>(&self, msg: &'m M) -> Result<Cow<'m, [u8]>, InvalidId> {
-        self.id_with(msg, &|name| header(msg, name))
-    }
-
-    /// The id of a consumed message, its headers read as raw bytes (see
-    /// `received::each_raw_header`): a header name that is not UTF-8 is
-    /// just another name, never a panic.
-    pub(crate) fn id_of_consumed<'m>(
-        &self,
-        msg: &'m BorrowedMessage<'_>,
-    ) -> Result<Cow<'m, [u8]>, InvalidId> {
-        self.id_with(msg, &|name| super::received::raw_header(msg, name))
-    }
-
-    fn id_with<'m>(
-        &self,
-        msg: &'m impl Message,
-        header: &dyn Fn(&str) -> Option<&'m [u8]>,
-    ) -> Result<Cow<'m, [u8]>, InvalidId> {
+    /// The id of `msg`. Its headers are read as bytes (see [`IdSource`]):
+    /// a header name that is not UTF-8 is just another name.
+    pub fn id_of<'m>(&self, msg: &'m impl IdSource) -> Result<Cow<'m, [u8]>, InvalidId> {
         match self {
-            IdStrategy::Header(name) => header(name)
+            IdStrategy::Header(name) => header(msg, name)
                 .map(Cow::Borrowed)
                 .ok_or_else(|| InvalidId::MissingHeader(name.clone())),
             IdStrategy::TopicPartitionOffset => Ok(Cow::Owned(
@@ -127,43 +105,55 @@ impl IdStrategy {
                 debezium_id(msg.payload().unwrap_or_default(), msg.key(), *tombstones)
                     .map(Cow::Owned)
             }
-            IdStrategy::Fallback(first, second) => first
-                .id_with(msg, header)
-                .or_else(|_| second.id_with(msg, header)),
+            IdStrategy::Fallback(first, second) => first.id_of(msg).or_else(|_| second.id_of(msg)),
         }
     }
 }
 
 /// The value of the last header called `name` (Kafka allows repeats; the
 /// last one wins, as in most clients).
+pub fn header<'m>(msg: &'m impl IdSource, name: &str) -> Option<&'m [u8]> {
+    let mut last = None;
+    msg.each_header(&mut |n, v| {
+        if n == name.as_bytes() && v.is_some() {
+            last = v;
+        }
+    });
+    last
+}
+
+/// A Kafka message `seen` reads ids and headers from: rdkafka's
+/// `BorrowedMessage` (straight from a consumer) and `OwnedMessage`, and
+/// the loop's [`Received`](super::Received).
 ///
-/// Read through rdkafka's `Headers`, which panics on a header name that is
-/// not UTF-8: for a message straight from a consumer, whose producer may
-/// have sent any bytes, see [`IdStrategy::id_of`].
-pub fn header<'m, M: Message>(msg: &'m M, name: &str) -> Option<&'m [u8]> {
-    let headers = msg.headers()?;
-    headers
-        .iter()
-        .filter(|h| h.key == name)
-        .filter_map(|h| h.value)
-        .last()
+/// Its headers are read as bytes, never through rdkafka's
+/// `Headers::try_get`, which panics on a header name that is not UTF-8
+/// (Kafka carries names as bytes, and any producer can send one). Sealed:
+/// the list of types is `seen`'s to extend.
+pub trait IdSource: Message + sealed::Sealed {
+    /// Calls `f` with each header's name, as bytes, and value, in order.
+    fn each_header<'m>(&'m self, f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>));
+}
+
+pub(crate) mod sealed {
+    pub trait Sealed {}
 }
 
 /// A message's headers as an owned list for a new message, leaving out
 /// `except` (the stage replaces the id header; a dead letter keeps all).
+/// A name that is not UTF-8 is copied with its bad bytes replaced by U+FFFD
+/// (rdkafka writes names from a `&str`).
 pub(crate) fn copy_headers(
-    msg: &impl Message,
+    msg: &impl IdSource,
     except: Option<&str>,
 ) -> rdkafka::message::OwnedHeaders {
     let mut out = rdkafka::message::OwnedHeaders::new();
-    if let Some(h) = msg.headers() {
-        for header in h.iter().filter(|h| Some(h.key) != except) {
-            out = out.insert(rdkafka::message::Header {
-                key: header.key,
-                value: header.value,
-            });
+    msg.each_header(&mut |name, value| {
+        let name = String::from_utf8_lossy(name);
+        if Some(&*name) != except {
+            out = std::mem::take(&mut out).insert(rdkafka::message::Header { key: &name, value });
         }
-    }
+    });
     out
 }
 

@@ -39,7 +39,7 @@ pub use consumer::{
     AfterRetries, ConsumeError, ConsumerStats, DedupConsumer, DedupConsumerConfig, InvalidMessages,
     DEAD_LETTER_ORIGIN_HEADER, DEAD_LETTER_REASON_HEADER,
 };
-pub use ids::{header, IdStrategy, IDEMPOTENCY_KEY_HEADER};
+pub use ids::{header, IdSource, IdStrategy, IDEMPOTENCY_KEY_HEADER};
 pub use partitions::PartitionStats;
 pub use producer::{
     Delivered, Event, EventProducer, Json, MessagePack, SendError, SerializeError, Serializer,

@@ -4,8 +4,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use rdkafka::message::{
-    BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp,
+    BorrowedHeaders, BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage,
+    Timestamp,
 };
+
+use super::ids::IdSource;
 
 /// A message the loop received, copied once for its handler. It reads like
 /// any rdkafka message: it implements [`Message`] (`payload()`, `key()`,
@@ -37,7 +40,7 @@ pub struct Received {
 impl Received {
     /// A copy of `msg`, whose topic is `topic` (shared, not copied).
     pub(crate) fn copy_of(msg: &BorrowedMessage<'_>, topic: Arc<str>) -> Received {
-        Self::copy_with(msg, topic, |f| each_raw_header(msg, f))
+        Self::copy_with(msg, topic, |f| each_consumed_header(msg, f))
     }
 
     /// A copy of `msg`, its headers as `headers` hands them out (name
@@ -66,14 +69,50 @@ impl Received {
     }
 }
 
-/// Call `f` with each header of a consumed message, in order: its name's
-/// bytes and its value. Returns whether the message has headers at all.
+/// Call `f` with each header of the native list `headers`, in order: its
+/// name's bytes and its value.
 ///
 /// Read through librdkafka directly: rdkafka's `Headers::try_get` panics
 /// on a header name that is not UTF-8, and any producer can send one. A
 /// consumer that read headers that way would stop on such a message, and
 /// again on it after every restart.
-pub(crate) fn each_raw_header<'m>(
+///
+/// # Safety
+///
+/// `headers` is a live librdkafka header list that outlives `'m` and does
+/// not change during it.
+#[allow(unsafe_code)]
+unsafe fn each_native_header<'m>(
+    headers: *const rdkafka::bindings::rd_kafka_headers_t,
+    f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>),
+) {
+    use rdkafka::bindings as rd;
+    for idx in 0.. {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: `headers` is live (the caller's promise); the three out
+        // pointers are locals. An index past the last header is an error,
+        // which ends the loop.
+        let got =
+            unsafe { rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size) };
+        if got != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            break;
+        }
+        // SAFETY: librdkafka stores a header's name NUL-terminated and its
+        // value as `size` bytes (or a null pointer for a null value), both
+        // inside `headers`, which stays alive and unchanged for `'m`.
+        let (name, value) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(name).to_bytes(),
+                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
+            )
+        };
+        f(name, value);
+    }
+}
+
+/// A consumed message's headers (see [`each_native_header`]). Returns
+/// whether the message has headers at all.
+fn each_consumed_header<'m>(
     msg: &'m BorrowedMessage<'_>,
     f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>),
 ) -> bool {
@@ -87,42 +126,52 @@ pub(crate) fn each_raw_header<'m>(
     if found != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || headers.is_null() {
         return false;
     }
-    for idx in 0.. {
-        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
-        // SAFETY: `headers` is valid while `msg` is (above); the three out
-        // pointers are locals. An index past the last header is an error,
-        // which ends the loop.
-        #[allow(unsafe_code)]
-        let got =
-            unsafe { rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size) };
-        if got != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-            break;
-        }
-        // SAFETY: librdkafka stores a header's name NUL-terminated and its
-        // value as `size` bytes (or a null pointer for a null value), both
-        // inside `headers`, so alive and unchanged while `msg` is borrowed.
-        #[allow(unsafe_code)]
-        let (name, value) = unsafe {
-            (
-                std::ffi::CStr::from_ptr(name).to_bytes(),
-                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
-            )
-        };
-        f(name, value);
-    }
+    // SAFETY: the list lives in the message, read-only, while `msg` is
+    // borrowed (above).
+    #[allow(unsafe_code)]
+    unsafe {
+        each_native_header(headers, f)
+    };
     true
 }
 
-/// The value of the last header of a consumed message called `name` (see
-/// [`each_raw_header`]; Kafka allows repeats, and the last one wins).
-pub(crate) fn raw_header<'m>(msg: &'m BorrowedMessage<'_>, name: &str) -> Option<&'m [u8]> {
-    let mut last = None;
-    each_raw_header(msg, &mut |n, v| {
-        if n == name.as_bytes() && v.is_some() {
-            last = v;
+impl super::ids::sealed::Sealed for BorrowedMessage<'_> {}
+
+impl IdSource for BorrowedMessage<'_> {
+    fn each_header<'m>(&'m self, f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>)) {
+        each_consumed_header(self, f);
+    }
+}
+
+impl super::ids::sealed::Sealed for OwnedMessage {}
+
+impl IdSource for OwnedMessage {
+    fn each_header<'m>(&'m self, f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>)) {
+        let Some(headers) = self.headers() else {
+            return;
+        };
+        // rdkafka's `BorrowedHeaders` is a zero-sized stand-in whose
+        // address is the native list (rdkafka reads it back the same way).
+        let native: *const BorrowedHeaders = headers.as_borrowed();
+        // SAFETY: the list is owned by `self` and only changed through
+        // `&mut self`, so it is alive and unchanged while `self` is
+        // borrowed. A test (`an_owned_copy_of_a_consumed_message_reads_raw_header_names`)
+        // reads one through this path.
+        #[allow(unsafe_code)]
+        unsafe {
+            each_native_header(native.cast(), f)
+        };
+    }
+}
+
+impl super::ids::sealed::Sealed for Received {}
+
+impl IdSource for Received {
+    fn each_header<'m>(&'m self, f: &mut dyn FnMut(&'m [u8], Option<&'m [u8]>)) {
+        for h in self.headers.iter().flat_map(ReceivedHeaders::iter) {
+            f(h.key.as_bytes(), h.value);
         }
-    });
-    last
+    }
 }
 
 impl Received {

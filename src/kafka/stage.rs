@@ -532,9 +532,7 @@ impl Source for KafkaSource {
                 }
                 Some(Ok(m)) => {
                     self.stats.read.fetch_add(1, Relaxed);
-                    // Read from the consumed message, whose header names
-                    // may be any bytes (see `IdStrategy::id_of_consumed`).
-                    let id = self.ids.id_of_consumed(&m).map(Cow::into_owned);
+                    let id = self.ids.id_of(&m).map(Cow::into_owned);
                     let input = self.inputs.iter().position(|t| **t == *m.topic());
                     let topic = match input {
                         Some(t) => Arc::clone(&self.inputs[t]),
