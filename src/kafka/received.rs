@@ -135,6 +135,22 @@ fn each_consumed_header<'m>(
     true
 }
 
+/// A consumed message's topic name as bytes: what rdkafka's `topic()`
+/// returns without its UTF-8 check, which the loop would pay per message.
+pub(crate) fn topic_bytes<'m>(msg: &'m BorrowedMessage<'_>) -> &'m [u8] {
+    let topic = msg.topic_ptr();
+    if topic.is_null() {
+        return &[]; // never for a message (only for some errors)
+    }
+    // SAFETY: a consumed message holds a reference on its topic handle
+    // while it lives, and librdkafka keeps the handle's name in it,
+    // NUL-terminated and unchanged (rdkafka's `topic()` reads the same).
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ffi::CStr::from_ptr(rdkafka::bindings::rd_kafka_topic_name(topic)).to_bytes()
+    }
+}
+
 impl super::ids::sealed::Sealed for BorrowedMessage<'_> {}
 
 impl IdSource for BorrowedMessage<'_> {
@@ -265,14 +281,19 @@ impl ReceivedHeaders {
     ) -> Option<ReceivedHeaders> {
         // The first few are kept on the stack; more go to a vector.
         const KEPT: usize = 8;
-        type Kept<'m> = (Cow<'m, str>, Option<&'m [u8]>);
-        let mut kept: [Kept<'m>; KEPT] = std::array::from_fn(|_| (Cow::Borrowed(""), None));
+        type Kept<'m> = (Cow<'m, [u8]>, Option<&'m [u8]>);
+        let mut kept: [Kept<'m>; KEPT] = std::array::from_fn(|_| (Cow::Borrowed(&[][..]), None));
         let mut more = Vec::new();
         let (mut count, mut data) = (0, 0);
         let any = headers(&mut |name, value| {
             // As it is when it is UTF-8 (always, from a well-behaved
             // producer), else with each bad sequence replaced by U+FFFD.
-            let name = String::from_utf8_lossy(name);
+            // ASCII, by far the common case, is told by a word-wide scan.
+            let name = if name.is_ascii() {
+                Cow::Borrowed(name)
+            } else {
+                Cow::Owned(String::from_utf8_lossy(name).into_owned().into_bytes())
+            };
             data += name.len() + value.map_or(0, <[u8]>::len);
             match kept.get_mut(count) {
                 Some(slot) => *slot = (name, value),
@@ -287,7 +308,7 @@ impl ReceivedHeaders {
         bytes.resize(count * INDEX, 0);
         let all = kept.iter().take(count).chain(more.iter());
         for (i, (name, value)) in all.enumerate() {
-            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(name);
             let name_end = bytes.len() as u64;
             let value_end = value.map_or(NULL, |v| {
                 bytes.extend_from_slice(v);
@@ -421,6 +442,26 @@ mod tests {
             .map(|h| (h.key, h.value))
             .collect();
         assert_eq!(back, all);
+    }
+
+    #[test]
+    fn names_that_are_not_ascii_are_kept_and_bad_bytes_repaired() {
+        let msg = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 0, None);
+        let names: [&[u8]; 3] = [b"na\xc3\xafve", b"bad-\xff-name", b"plain"];
+        let m = Received::copy_with(&msg, "t".into(), |f| {
+            names.iter().for_each(|n| f(n, Some(b"v")));
+            true
+        });
+        let got: Vec<&str> = m
+            .headers()
+            .expect("headers")
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        assert_eq!(got, ["na\u{ef}ve", "bad-\u{fffd}-name", "plain"]);
+        let mut raw = Vec::new();
+        m.each_header(&mut |n, _| raw.push(n.to_vec()));
+        assert_eq!(raw[1], "bad-\u{fffd}-name".as_bytes());
     }
 
     #[test]
