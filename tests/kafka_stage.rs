@@ -639,3 +639,30 @@ fn a_header_name_that_is_not_utf8_passes_through_repaired() {
     let (_, names) = out.iter().find(|(p, _)| p == "b").unwrap();
     assert!(names.iter().any(|n| n == "bad-\u{fffd}-name"), "{names:?}");
 }
+
+#[test]
+fn the_read_back_passes_over_ids_the_engine_refuses() {
+    // An id the engine refuses (empty, or longer than its `max_id_len`,
+    // which an operator may have lowered since) cannot be the id of a
+    // message the stage would let through, so the read-back has nothing to
+    // mark for it; it must not stop the stage from starting, every time.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("out", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let long = "L".repeat(100);
+    produce(
+        &brokers,
+        "out",
+        &["ok-1".into(), String::new(), long.clone(), "ok-2".into()],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder()
+        .max_id_len(64)
+        .open(state.path().join("marks"))
+        .unwrap();
+    let config = StageConfig::new(&brokers, "stage", &["in"], "out");
+    let read = stage::read_back(&config, &engine, state.path()).unwrap();
+    assert_eq!(read, 4);
+    assert!(engine.contains("ok-1").unwrap() && engine.contains("ok-2").unwrap());
+    assert_eq!(engine.stats().invalid, 2, "the two refused ids are counted");
+}

@@ -223,7 +223,7 @@ impl Engine {
     }
 
     #[inline]
-    fn validate(&self, id: &[u8]) -> Result<()> {
+    pub(crate) fn validate(&self, id: &[u8]) -> Result<()> {
         if id.is_empty() || id.len() > self.inner.max_id_len {
             self.inner.counters.stripe().invalid.fetch_add(1, Relaxed);
             return Err(if id.is_empty() {

@@ -260,7 +260,7 @@ impl ReadBack {
     /// returns how many messages were read back.
     pub fn finish(mut self, engine: &Engine) -> Result<u64, BoxError> {
         let mut progress = Instant::now();
-        let mut read = 0;
+        let (mut read, mut refused) = (0, 0u64);
         let mut ids = IdChunk::default();
         while !self.open.is_empty() {
             if progress.elapsed() > self.timeout {
@@ -291,6 +291,15 @@ impl ReadBack {
                     read += 1;
                     progress = Instant::now();
                     if let Some(id) = super::ids::header(&m, IDEMPOTENCY_KEY_HEADER) {
+                        // An id the engine refuses (empty, or longer than a
+                        // `max_id_len` lowered since) is no id the stage
+                        // lets through, so there is nothing to mark; the
+                        // engine counts it as invalid. Kept in, it would
+                        // fail the whole chunk, and every restart after.
+                        if engine.validate(id).is_err() {
+                            refused += 1;
+                            continue;
+                        }
                         // Already marked or not: either way it is in the output.
                         ids.push(id);
                         if ids.len() == READ_BACK_CHUNK {
@@ -301,6 +310,13 @@ impl ReadBack {
             }
         }
         ids.mark(engine)?;
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                output = %self.output,
+                "seen kafka: read-back passed over ids the engine refuses (empty or over max_id_len)"
+            );
+        }
         close_in_background(self.consumer);
         Ok(read)
     }
