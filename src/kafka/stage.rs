@@ -549,10 +549,13 @@ impl Source for KafkaSource {
                 Some(Ok(m)) => {
                     self.stats.read.fetch_add(1, Relaxed);
                     let id = self.ids.id_of(&m).map(Cow::into_owned);
-                    let input = self.inputs.iter().position(|t| **t == *m.topic());
+                    // Compared as bytes: rdkafka's `topic()` checks UTF-8
+                    // on every call.
+                    let name = super::received::topic_bytes(&m);
+                    let input = self.inputs.iter().position(|t| t.as_bytes() == name);
                     let topic = match input {
                         Some(t) => Arc::clone(&self.inputs[t]),
-                        None => m.topic().into(),
+                        None => String::from_utf8_lossy(name).into(),
                     };
                     let msg = Received::copy_of(&m, topic);
                     drop(m);
