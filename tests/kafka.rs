@@ -1036,3 +1036,26 @@ async fn the_public_id_reader_takes_header_names_that_are_not_utf8() {
         Some(&b"evt-7"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_in_flight_bound_still_consumes() {
+    // `max_in_flight = 0` read literally never fetches: the loop would
+    // wait for its shutdown with its partitions unread, saying nothing.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce(
+        &brokers,
+        &[(Some("a"), "a"), (Some("b"), "b"), (Some("a"), "a")],
+    )
+    .await;
+    let mut c = config(&brokers, "zero-in-flight");
+    c.max_in_flight = 0;
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = DedupConsumer::new(c, engine(dir.path())).unwrap();
+    let seen = Seen::default();
+    run_until(&consumer, &seen, 3, 0).await.unwrap();
+    let s = consumer.stats();
+    assert_eq!(s.done.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(seen.lock().unwrap().len(), 2, "a and b, each once");
+}

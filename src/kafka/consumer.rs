@@ -124,7 +124,8 @@ pub struct DedupConsumerConfig {
     /// How often stored offsets are committed (after an engine sync).
     pub commit_interval: Duration,
     /// Messages received but not yet handled, across partitions; fetching
-    /// pauses at this many (backpressure).
+    /// pauses at this many (backpressure). At least 1 (0 is taken as 1: it
+    /// would never fetch at all).
     pub max_in_flight: usize,
     /// Attempts after a handler's first failure, with exponential backoff.
     pub retries: u32,
@@ -328,7 +329,8 @@ impl DedupConsumer {
     }
 
     /// Connect and subscribe with an explicit [`Scope`].
-    pub fn with_scope(config: DedupConsumerConfig, scope: Scope) -> Result<Self, ConsumeError> {
+    pub fn with_scope(mut config: DedupConsumerConfig, scope: Scope) -> Result<Self, ConsumeError> {
+        config.max_in_flight = config.max_in_flight.max(1);
         let stores = Stores::new(scope);
         #[cfg(feature = "postgres")]
         let stores = match config.checkpoint.clone() {
