@@ -147,14 +147,17 @@ pub(crate) fn copy_headers(
     msg: &impl IdSource,
     except: Option<&str>,
 ) -> rdkafka::message::OwnedHeaders {
-    let mut out = rdkafka::message::OwnedHeaders::new();
+    // In an `Option` so each insert can take the list by value (as
+    // rdkafka's builder wants) without making an empty one to leave behind.
+    let mut out = Some(rdkafka::message::OwnedHeaders::new());
     msg.each_header(&mut |name, value| {
         let name = String::from_utf8_lossy(name);
         if Some(&*name) != except {
-            out = std::mem::take(&mut out).insert(rdkafka::message::Header { key: &name, value });
+            let header = rdkafka::message::Header { key: &name, value };
+            out = out.take().map(|h| h.insert(header));
         }
     });
-    out
+    out.unwrap_or_default()
 }
 
 #[cfg(test)]
