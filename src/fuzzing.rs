@@ -57,3 +57,14 @@ pub fn power_loss(engine: Engine) {
 pub fn commit_without_waiting(engine: &Engine, marks: &[PendingMark]) {
     engine.commit_without_waiting(marks);
 }
+
+/// The reference reading of a Debezium id (the whole event parsed into a
+/// `Value`), to check `seen::stage::id::debezium_id`'s streamed reading
+/// against.
+pub fn debezium_id_of_value(
+    payload: &[u8],
+    record_key: Option<&[u8]>,
+    tombstones: crate::stage::id::Tombstones,
+) -> std::result::Result<Vec<u8>, crate::stage::id::InvalidId> {
+    crate::stage::id::debezium_id_of_value(payload.trim_ascii(), record_key, tombstones)
+}
