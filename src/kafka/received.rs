@@ -171,8 +171,8 @@ impl IdSource for OwnedMessage {
         let native: *const BorrowedHeaders = headers.as_borrowed();
         // SAFETY: the list is owned by `self` and only changed through
         // `&mut self`, so it is alive and unchanged while `self` is
-        // borrowed. A test (`an_owned_copy_of_a_consumed_message_reads_raw_header_names`)
-        // reads one through this path.
+        // borrowed. `the_public_id_reader_takes_header_names_that_are_not_utf8`
+        // (tests/kafka.rs) reads a detached message's list through it.
         #[allow(unsafe_code)]
         unsafe {
             each_native_header(native.cast(), f)
