@@ -5,7 +5,10 @@
 //!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow|lookup]
 //!
 //! `grow` instead measures the set growing from empty: no warm-up, no
-//! expiry, no window; `events` timed from the first insert. `lookup`
+//! expiry, no window; `events` timed from the first insert. `presized`
+//! runs the same stream into structures sized up front for its distinct
+//! ids (three quarters of `events`): what every structure does with its
+//! growth taken away, the ceiling no change to growth can pass. `lookup`
 //! warms up as `steady` does, then times `events` lookups, half of ids
 //! resident (inserted recently, still live) and half of ids never seen:
 //! `contains` (`contains_batch` of 1024 for `seen-batch`) against the
@@ -14,7 +17,10 @@
 //! Structures: `seen` (single `check_and_insert` calls), `seen-batch`
 //! (`check_and_insert_batch` of 1024), `dashmap-u64`, `scc-u64` (the
 //! id's ahash as the key, the way a performance-minded user hand-rolls a
-//! dedup set). 2 threads; a quarter of the events repeat one of the
+//! dedup set), `harness` (ids made and hashed with ahash, nothing
+//! stored: the cost every structure's figure includes) and `seen-hash`
+//! (ids made and given `seen`'s keyed 128-bit fingerprint, nothing
+//! stored: the part of `seen`'s figure that is not its table). 2 threads; a quarter of the events repeat one of the
 //! thread's last 75k new ids.
 //!
 //! Churn: seen expires by TTL (10 s, on a simulated clock that moves one
@@ -149,6 +155,25 @@ impl<S: Sync> Churning for Peer<S> {
     }
 }
 
+/// No structure: ids hashed and dropped, which is what the harness and
+/// the peers' hashing cost per event (or, with an engine, what `seen`'s
+/// fingerprints cost).
+struct Harness(ahash::RandomState, Option<Engine>);
+
+impl Churning for Harness {
+    fn decide(&self, _t: usize, ids: &[[u8; 36]]) -> usize {
+        let odd = ids.iter().filter(|id| match &self.1 {
+            Some(engine) => engine.fingerprint(id).unwrap().0 & 1 == 1,
+            None => self.0.hash_one(id) & 1 == 1,
+        });
+        std::hint::black_box(odd.count())
+    }
+
+    fn lookup(&self, ids: &[[u8; 36]]) -> usize {
+        self.decide(0, ids)
+    }
+}
+
 fn run(set: &dyn Churning, from: u64, to: u64, batch: usize) -> Duration {
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -211,20 +236,28 @@ fn main() {
         .get(3)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000_000);
-    let grow = args.get(4).is_some_and(|m| m == "grow");
+    let presized = args.get(4).is_some_and(|m| m == "presized");
+    let grow = presized || args.get(4).is_some_and(|m| m == "grow");
     let lookup = args.get(4).is_some_and(|m| m == "lookup");
     let window = if grow { u64::MAX } else { resident / THREADS };
     let rings = || (0..THREADS).map(|_| Default::default()).collect();
+    // Growing, the set starts empty; pre-sized, it has room for every
+    // distinct id of the stream; under churn, for the resident ids.
+    let capacity = match (grow, presized) {
+        (true, false) => 0,
+        (true, true) => (events - events / 4) as usize,
+        (false, _) => resident as usize,
+    };
     let set: Box<dyn Churning> = match which {
         "seen" | "seen-batch" => {
             let clock = Arc::new(ManualClock::new(1_700_000_000));
             let builder = Engine::builder()
                 .ttl(Duration::from_secs(TTL_SECS))
                 .clock(Arc::clone(&clock) as Arc<dyn seen::Clock>);
-            let engine = if grow {
+            let engine = if capacity == 0 {
                 builder.build().unwrap()
             } else {
-                builder.capacity(resident as usize).build().unwrap()
+                builder.capacity(capacity).build().unwrap()
             };
             // Growing, the clock never moves: nothing expires.
             let every = if grow {
@@ -242,7 +275,7 @@ fn main() {
             })
         }
         "dashmap-u64" => Box::new(Peer {
-            set: dashmap::DashSet::<u64>::with_capacity(if grow { 0 } else { resident as usize }),
+            set: dashmap::DashSet::<u64>::with_capacity(capacity),
             hasher: ahash::RandomState::new(),
             window,
             rings: rings(),
@@ -253,7 +286,7 @@ fn main() {
             contains: |s, h| s.contains(&h),
         }),
         "scc-u64" => Box::new(Peer {
-            set: scc::HashSet::<u64>::with_capacity(if grow { 0 } else { resident as usize }),
+            set: scc::HashSet::<u64>::with_capacity(capacity),
             hasher: ahash::RandomState::new(),
             window,
             rings: rings(),
@@ -263,6 +296,11 @@ fn main() {
             },
             contains: |s, h| s.contains(&h),
         }),
+        "harness" => Box::new(Harness(ahash::RandomState::new(), None)),
+        "seen-hash" => Box::new(Harness(
+            ahash::RandomState::new(),
+            Some(Engine::builder().build().unwrap()),
+        )),
         other => {
             eprintln!("unknown structure {other}");
             std::process::exit(2);
@@ -300,8 +338,9 @@ fn main() {
     let took = run(&*set, warm_up, warm_up + per_thread, batch);
     let rate = (per_thread * THREADS) as f64 / took.as_secs_f64() / 1e6;
     if grow {
+        let mode = if presized { "presized" } else { "grow" };
         println!(
-            "{which} grow {rate:.2} M events/s ({} events from empty, {THREADS} threads)",
+            "{which} {mode} {rate:.2} M events/s ({} events from empty, {THREADS} threads)",
             per_thread * THREADS
         );
     } else {
