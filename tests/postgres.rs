@@ -576,6 +576,13 @@ fn bad_connections(c: &Cluster, rt: &tokio::runtime::Runtime) {
     let p = pg(&both, "s");
     rt.block_on(p.migrate()).unwrap();
     rt.block_on(p.checkpoint(&e)).unwrap();
+    // A zero interval would checkpoint back to back: refused up front.
+    let err = Checkpointer::start(Arc::new(p), Arc::new(e), Duration::ZERO, None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("checkpoint interval must be above zero"),
+        "{err}"
+    );
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
@@ -767,6 +774,19 @@ mod kafka_hand_off {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic(TOPIC, 2, 1).unwrap();
         let brokers = cluster.bootstrap_servers();
+        // A zero checkpoint interval is refused when the consumer is made,
+        // not when its first partition store opens.
+        let mut zero = config(&brokers, url);
+        if let Some(c) = zero.checkpoint.as_mut() {
+            c.every = Duration::ZERO;
+            let dir = tempfile::tempdir().unwrap();
+            let err = DedupConsumer::with_scope(zero, scope(dir.path())).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("checkpoint interval must be above zero"),
+                "{err}"
+            );
+        }
         // Message i goes to partition i % 2; every third id comes again 80
         // messages later, on its own partition.
         let mut msgs = Vec::new();

@@ -82,12 +82,20 @@ impl std::fmt::Debug for Checkpointer {
 impl Checkpointer {
     /// Checkpoint `engine` to `pg` every `every`, and also whenever
     /// `every_marks` new marks have accumulated (checked ten times a second).
+    /// A zero `every` is refused ([`crate::Error::Config`]), as the CLI
+    /// refuses `--checkpoint-every 0`: it would checkpoint back to back,
+    /// a round trip to the database after another with no pause.
     pub fn start(
         pg: Arc<Postgres>,
         engine: Arc<Engine>,
         every: Duration,
         every_marks: Option<u64>,
     ) -> crate::Result<Checkpointer> {
+        if every.is_zero() {
+            return Err(crate::Error::Config(
+                "the checkpoint interval must be above zero".into(),
+            ));
+        }
         engine.require_log()?;
         let shared = Arc::new(Shared::default());
         let started = Instant::now();
