@@ -1059,3 +1059,78 @@ async fn a_zero_in_flight_bound_still_consumes() {
     assert_eq!(s.done.load(std::sync::atomic::Ordering::Relaxed), 3);
     assert_eq!(seen.lock().unwrap().len(), 2, "a and b, each once");
 }
+
+/// CPU time this thread has used, from `/proc/thread-self/stat`.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name in parentheses; utime and stime are
+    // the 14th and 15th of the line, in clock ticks (USER_HZ, 100).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let ticks: u64 = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse::<u64>().unwrap())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn a_zero_commit_interval_does_not_spin_an_idle_loop() {
+    // A zero interval commits as often as the timer fires; the loop must
+    // not turn without pause while the stream is idle. The loop runs here on a thread of its own (a current-thread runtime),
+    // so that thread's CPU time is the loop's.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (spent, done, commits) = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            produce(&brokers, &[(Some("a"), "a")]).await;
+            let mut c = config(&brokers, "zero-commit-interval");
+            c.commit_interval = Duration::ZERO;
+            let dir = tempfile::tempdir().unwrap();
+            let consumer = DedupConsumer::new(c, engine(dir.path())).unwrap();
+            let stats = consumer.stats();
+            let idle_spent = std::cell::Cell::new(None);
+            // Once the message is handled the stream is idle: the CPU the
+            // loop's thread takes over the next 2 s is what idling costs.
+            let shutdown = async {
+                for _ in 0..3000 {
+                    if stats.done.load(std::sync::atomic::Ordering::Relaxed) >= 1 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let before = thread_cpu();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                idle_spent.set(Some(thread_cpu() - before));
+            };
+            consumer
+                .run(|_| async { Ok::<(), String>(()) }, shutdown)
+                .await
+                .unwrap();
+            (
+                idle_spent.get().unwrap(),
+                stats.done.load(std::sync::atomic::Ordering::Relaxed),
+                committed(&brokers, "zero-commit-interval"),
+            )
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(done, 1);
+    assert!(
+        commits.contains(&1),
+        "committed past the message: {commits:?}"
+    );
+    // A spinning loop spends about all of the 2 s; tokio's timer fires at
+    // most once a millisecond, which measured 80 ms.
+    assert!(
+        spent < Duration::from_millis(1000),
+        "{spent:?} of CPU in 2 s idle"
+    );
+}

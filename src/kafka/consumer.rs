@@ -122,6 +122,8 @@ pub struct DedupConsumerConfig {
     /// [`AfterRetries::DeadLetter`].
     pub dead_letter_topic: Option<String>,
     /// How often stored offsets are committed (after an engine sync).
+    /// Zero commits as often as the runtime's timer fires (about every
+    /// millisecond while there is something to commit).
     pub commit_interval: Duration,
     /// Messages received but not yet handled, across partitions; fetching
     /// pauses at this many (backpressure). At least 1 (0 is taken as 1: it
