@@ -41,6 +41,11 @@ pub(crate) struct BenchArgs {
     /// ids.
     #[arg(long, value_name = "IDS")]
     steady: Option<u64>,
+    /// Shards of the engine under test (a power of two; default: the
+    /// engine's, 64), as `--shards` sets them for a store. More shards
+    /// make each table rebuild shorter, and so the latency tail.
+    #[arg(long)]
+    shards: Option<usize>,
 }
 
 /// The steady state's TTL, in simulated seconds.
@@ -238,6 +243,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let per_thread = args.events / threads;
     let batch = args.batch.max(1);
     let mut builder = Engine::builder().durability(durability);
+    if let Some(shards) = args.shards {
+        builder = builder.shards(shards);
+    }
     let churn = match args.steady {
         None => {
             builder = builder.capacity((args.events as usize) * 3 / 4);
