@@ -431,3 +431,43 @@ fn bench_steady_state_churns_without_holding_expired_ids() {
     assert!(dropped > 100_000, "{stdout}");
     assert!(held < 100_000, "{stdout}");
 }
+
+#[test]
+fn bench_runs_the_engine_with_the_shards_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let rebuilds = |shards: &str| -> u64 {
+        let state = dir.path().join(format!("bench-{shards}"));
+        let out = seen(&[
+            "bench",
+            "--shards",
+            shards,
+            "--steady",
+            "40000",
+            "--events",
+            "200000",
+            "--durability",
+            "none",
+            "--dir",
+            state.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        let line = stdout.lines().find(|l| l.contains("memory:")).unwrap();
+        let rest = &line[line.find("dropped by").unwrap() + "dropped by".len()..];
+        rest[..rest.find("table rebuilds").unwrap()]
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Each rebuild covers one shard: sixteen times the shards, many more
+    // (and smaller) rebuilds for the same churn.
+    let (one, sixteen) = (rebuilds("1"), rebuilds("16"));
+    assert!(
+        sixteen > 4 * one.max(1),
+        "1 shard: {one}, 16 shards: {sixteen}"
+    );
+    let out = seen(&["bench", "--shards", "100", "--events", "1000"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shards must be a power of two"), "{stderr}");
+}
