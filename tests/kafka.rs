@@ -1078,8 +1078,9 @@ fn thread_cpu() -> Duration {
 #[test]
 fn a_zero_commit_interval_does_not_spin_an_idle_loop() {
     // A zero interval commits as often as the timer fires; the loop must
-    // not turn without pause while the stream is idle. The loop runs here on a thread of its own (a current-thread runtime),
-    // so that thread's CPU time is the loop's.
+    // not turn without pause while the stream is idle. The loop runs here
+    // on a thread of its own (a current-thread runtime), so that thread's
+    // CPU time is the loop's.
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 2, 1).unwrap();
     let brokers = cluster.bootstrap_servers();

@@ -2,7 +2,7 @@
 //! about 10M ids resident, new ids replacing expiring ones, no growth
 //! from empty. One structure per process:
 //!
-//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow|lookup]
+//!     cargo run --release -p seen-bench-compare --example churn -- <structure> [resident] [events] [steady|grow|presized|lookup]
 //!
 //! `grow` instead measures the set growing from empty: no warm-up, no
 //! expiry, no window; `events` timed from the first insert. `presized`
@@ -20,8 +20,9 @@
 //! dedup set), `harness` (ids made and hashed with ahash, nothing
 //! stored: the cost every structure's figure includes) and `seen-hash`
 //! (ids made and given `seen`'s keyed 128-bit fingerprint, nothing
-//! stored: the part of `seen`'s figure that is not its table). 2 threads; a quarter of the events repeat one of the
-//! thread's last 75k new ids.
+//! stored: the part of `seen`'s figure that is not its table). 2
+//! threads; a quarter of the events repeat one of the thread's last 75k
+//! new ids.
 //!
 //! Churn: seen expires by TTL (10 s, on a simulated clock that moves one
 //! second per tenth of the resident ids), as it would in production. The
