@@ -393,30 +393,29 @@ fn inspect_shows_one_ids_mark_and_metadata() {
     );
 }
 
+/// `seen bench --steady 40000 --events 200000 --durability none` in
+/// `state`, plus `extra`; its standard output.
+fn steady_bench(state: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec!["bench", "--steady", "40000", "--events", "200000"];
+    args.extend(["--durability", "none", "--dir", state.to_str().unwrap()]);
+    args.extend(extra);
+    let out = seen(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `seen bench --steady`: the set kept at its resident size under TTL
 /// churn. Expired ids must actually be dropped (the simulated clock moves)
 /// and the set must not hold more than one TTL of ids.
 #[test]
 fn bench_steady_state_churns_without_holding_expired_ids() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("bench");
-    let out = seen(&[
-        "bench",
-        "--steady",
-        "40000",
-        "--events",
-        "200000",
-        "--durability",
-        "none",
-        "--dir",
-        state.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = steady_bench(&dir.path().join("bench"), &[]);
     assert!(stdout.contains("steady: 200000 events"), "{stdout}");
     let field = |after: &str, before: &str| -> u64 {
         let line = stdout.lines().find(|l| l.contains("memory:")).unwrap();
@@ -437,21 +436,7 @@ fn bench_runs_the_engine_with_the_shards_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let rebuilds = |shards: &str| -> u64 {
         let state = dir.path().join(format!("bench-{shards}"));
-        let out = seen(&[
-            "bench",
-            "--shards",
-            shards,
-            "--steady",
-            "40000",
-            "--events",
-            "200000",
-            "--durability",
-            "none",
-            "--dir",
-            state.to_str().unwrap(),
-        ]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout}");
+        let stdout = steady_bench(&state, &["--shards", shards]);
         let line = stdout.lines().find(|l| l.contains("memory:")).unwrap();
         let rest = &line[line.find("dropped by").unwrap() + "dropped by".len()..];
         rest[..rest.find("table rebuilds").unwrap()]
