@@ -22,6 +22,10 @@ struct SimFile {
     durable: Vec<u8>,
     /// Unsynced writes, in order: (offset, len).
     pending: Vec<(usize, usize)>,
+    /// Ranges handed to writeback, in order (a hint: no effect on a crash,
+    /// which already lets any unsynced page reach the disk or not).
+    #[cfg_attr(not(test), allow(dead_code))]
+    written_back: Vec<(usize, usize)>,
 }
 
 #[derive(Default)]
@@ -50,6 +54,16 @@ pub enum Fate {
 impl SimDisk {
     pub(crate) fn new() -> Arc<SimDisk> {
         Arc::new(SimDisk::default())
+    }
+
+    /// The ranges of file `name` handed to writeback, in order.
+    #[cfg(test)]
+    pub(crate) fn written_back(&self, name: &str) -> Vec<(usize, usize)> {
+        self.files
+            .lock()
+            .get(name)
+            .map(|f| f.lock().written_back.clone())
+            .unwrap_or_default()
     }
 
     /// The disk after a power loss; `fate` decides each unsynced write.
@@ -97,6 +111,7 @@ impl SimDisk {
                     live: image.clone(),
                     durable: image,
                     pending: Vec::new(),
+                    written_back: Vec::new(),
                 })),
             );
         }
@@ -129,6 +144,9 @@ impl SegmentFile for SimSegment {
         f.pending.retain(|&(o, l)| !(o >= offset && o + l <= end));
         Ok(())
     }
+    fn start_writeback(&self, offset: usize, len: usize) {
+        self.0.lock().written_back.push((offset, len));
+    }
 }
 
 impl Storage for SimDisk {
@@ -148,6 +166,7 @@ impl Storage for SimDisk {
                 live: bytes.to_vec(),
                 durable: bytes.to_vec(),
                 pending: Vec::new(),
+                written_back: Vec::new(),
             })),
         );
         Ok(())
@@ -175,6 +194,7 @@ impl Storage for SimDisk {
             live: image.clone(),
             durable: image,
             pending: Vec::new(),
+            written_back: Vec::new(),
         }));
         self.files.lock().insert(name.to_owned(), f.clone());
         Ok(Box::new(SimSegment(f)))
@@ -300,6 +320,60 @@ mod power_loss {
         }
         // The crashes really did leave torn tails for recovery to cut.
         assert!(torn_tails_seen > 10, "{torn_tails_seen}");
+    }
+
+    /// A log nobody syncs hands each filled piece of its segment to the
+    /// kernel's writeback, so the seal at rollover has little left to
+    /// wait for; and never a piece a sync already made durable.
+    #[test]
+    fn an_unsynced_segment_goes_to_writeback_a_chunk_at_a_time() {
+        use crate::wal::format::SEGMENT_HEADER_LEN;
+        const CHUNK: usize = 64 * 1024; // a 1 MiB segment's
+        const MARK: usize = 32; // a mark's record
+        let clock = Arc::new(ManualClock::new(1_800_000_000));
+        let disk = SimDisk::new();
+        let e = Engine::builder()
+            .segment_size(1 << 20)
+            .durability(Durability::None)
+            .clock(clock.clone())
+            .background_sweep(false)
+            .open_storage(disk.clone())
+            .unwrap();
+        let segment = disk
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.ends_with(".seg"))
+            .unwrap();
+        let mark = |from: u32, n: u32| {
+            for start in (from..from + n).step_by(1000) {
+                let ids: Vec<[u8; 4]> = (start..start + 1000).map(|i| i.to_le_bytes()).collect();
+                assert!(e
+                    .check_and_insert_batch(&ids)
+                    .unwrap()
+                    .iter()
+                    .all(|v| v.is_new()));
+            }
+        };
+        mark(0, 20_000);
+        let published = SEGMENT_HEADER_LEN + 20_000 * MARK;
+        let hints = disk.written_back(&segment);
+        // Contiguous from the first record to the last whole chunk.
+        assert_eq!(hints.first().map(|h| h.0), Some(SEGMENT_HEADER_LEN));
+        for pair in hints.windows(2) {
+            assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "{hints:?}");
+        }
+        let (last, len) = *hints.last().unwrap();
+        assert_eq!(last + len, published / CHUNK * CHUNK, "{hints:?}");
+        // After a sync, only what it did not cover.
+        e.sync().unwrap();
+        mark(20_000, 3_000);
+        let after = &disk.written_back(&segment)[hints.len()..];
+        assert_eq!(
+            after,
+            [(published, 10 * CHUNK - published), (10 * CHUNK, CHUNK)],
+            "{after:?}"
+        );
     }
 
     /// Under None durability nothing is promised across power loss, but

@@ -118,6 +118,10 @@ pub(crate) trait SegmentFile: Send + Sync {
     fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()>;
     /// Make `offset..offset + len` durable (it may make more durable).
     fn sync(&self, offset: usize, len: usize) -> io::Result<()>;
+    /// Start writing `offset..offset + len` (already written) out to the
+    /// disk without waiting for it, so a later `sync` has less to do. A
+    /// hint: nothing is promised, and errors are left to that `sync`.
+    fn start_writeback(&self, _offset: usize, _len: usize) {}
     /// Durably zero `offset..offset + len` of the file itself (recovery
     /// cutting a torn tail, before any append).
     fn zero_range(&self, offset: usize, len: usize) -> io::Result<()> {
@@ -660,6 +664,10 @@ impl SegmentFile for WrittenSegment {
         )));
         self.file.sync_data()
     }
+
+    fn start_writeback(&self, offset: usize, len: usize) {
+        start_writeback(&self.file, offset, len);
+    }
 }
 
 /// A segment file mapped read-write.
@@ -720,7 +728,36 @@ impl SegmentFile for MappedSegment {
         )));
         self.map.flush_range(offset, len)
     }
+
+    fn start_writeback(&self, offset: usize, len: usize) {
+        start_writeback(&self.file, offset, len);
+    }
 }
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queue the range's dirty pages
+/// (written through a mapping or with `pwrite`) for writeback and return.
+/// (`msync(MS_ASYNC)` does nothing on Linux.)
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: usize, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor we own; it reads
+    // no memory of ours.
+    let r = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "seen: writeback hint refused");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: usize, _len: usize) {}
 
 /// An exclusive `flock` on the directory's LOCK file, held while a store is
 /// open. A second process — or a second open in this process, since flock
