@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use seen::guard::IdempotencyGuard;
 use seen::kafka::{
     ConsumeError, DedupConsumer, DedupConsumerConfig, IdSource, IdStrategy, InvalidMessages,
@@ -42,6 +42,15 @@ async fn produce<A: AsRef<str>, B: AsRef<str>>(brokers: &str, messages: &[(Optio
             .map_err(|(e, _)| e)
             .unwrap();
     }
+}
+
+/// A one-broker mock cluster with `TOPIC` in `partitions` partitions, and
+/// its bootstrap servers.
+fn mock_cluster(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, partitions, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
 }
 
 fn config(brokers: &str, group: &str) -> DedupConsumerConfig {
@@ -108,9 +117,7 @@ fn engine(dir: &std::path::Path) -> Arc<IdempotencyGuard> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_id_is_handled_once_and_a_restart_resumes_after_the_commit() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     // 40 distinct ids; duplicates adjacent, far apart and on the other partition.
     let mut msgs: Vec<(Option<String>, String)> = Vec::new();
     for i in 0..40 {
@@ -176,9 +183,7 @@ async fn each_id_is_handled_once_and_a_restart_resumes_after_the_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_messages_and_failing_handlers_follow_their_policies() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     produce(
         &brokers,
         &[(Some("a"), "a"), (None, "no header"), (Some("b"), "b")],
@@ -278,9 +283,7 @@ fn header_of(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_stamps_ids_that_the_consumer_dedups() {
     use seen::kafka::{Event, EventProducer, MessagePack};
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     let producer = EventProducer::new(&brokers, &[]).unwrap();
     let first = producer
         .send(&Event {
@@ -453,9 +456,7 @@ async fn dead_letters_carry_the_message_and_the_reason() {
 /// skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_rebalance_neither_doubles_nor_drops() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     let mut msgs: Vec<(Option<String>, String)> = Vec::new();
     for i in 0..300 {
         msgs.push((Some(format!("r-{i}")), format!("r-{i}")));
@@ -558,9 +559,7 @@ async fn a_forced_rebalance_neither_doubles_nor_drops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_per_partition_and_report_lag() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     let msgs: Vec<(Option<String>, String)> = (0..12)
         .map(|i| (Some(format!("m-{}", i % 9)), format!("m-{i}")))
         .collect();
@@ -621,9 +620,7 @@ async fn metrics_count_per_partition_and_report_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_run_concurrently_each_in_order() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     let msgs: Vec<(Option<String>, String)> = (0..40)
         .map(|i| (Some(format!("c-{i}")), format!("c-{i}")))
         .collect();
@@ -680,9 +677,7 @@ async fn partitions_run_concurrently_each_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_that_does_not_exist_is_a_clear_error() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(1);
     let dir = tempfile::tempdir().unwrap();
     let c = DedupConsumerConfig::new(&brokers, "lost", &["no-such-topic"]);
     let consumer = DedupConsumer::new(c, engine(dir.path())).unwrap();
@@ -704,9 +699,7 @@ async fn a_topic_that_does_not_exist_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_ids_refused_commits_and_a_broker_outage_lose_nothing() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_cluster(2);
     let huge = "x".repeat(5000);
     let mut first: Vec<(Option<String>, String)> = (0..10)
         .map(|i| (Some(format!("o-{i}")), format!("o-{i}")))
@@ -791,9 +784,7 @@ async fn oversized_ids_refused_commits_and_a_broker_outage_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_stores_move_with_their_partition() {
     use seen::kafka::Scope;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     // Message i goes to partition i % 2 (see `produce`); every third id
     // comes again 40 messages later, on its own partition.
     let mut msgs: Vec<(Option<String>, String)> = Vec::new();
@@ -938,9 +929,7 @@ async fn a_pattern_subscription_keeps_each_topics_partitions_apart() {
 async fn a_header_name_that_is_not_utf8_is_read_not_a_panic() {
     // rdkafka's `Headers` unwraps each name as UTF-8: reading headers that
     // way stopped the loop on such a message, and again after a restart.
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     produce(&brokers, &[(Some("a"), "a")]).await;
     common::produce_with_raw_header_name(&brokers, TOPIC, 1, "b", b"bad-\xff\xfe-name");
     common::produce_with_raw_header_name(&brokers, TOPIC, 0, "b", b"\xc3(");
@@ -1003,9 +992,7 @@ async fn the_public_id_reader_takes_header_names_that_are_not_utf8() {
     // `IdStrategy::id_of` and `kafka::header` for code with its own loop:
     // on a message straight from a consumer and on its owned copy (whose
     // header list librdkafka copied, bad name and all).
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(1);
     common::produce_with_raw_header_name(&brokers, TOPIC, 0, "evt-7", b"bad-\xff-name");
     let ids = IdStrategy::default();
     let fallback: IdStrategy = "header:nope|header".parse().unwrap();
@@ -1041,9 +1028,7 @@ async fn the_public_id_reader_takes_header_names_that_are_not_utf8() {
 async fn a_zero_in_flight_bound_still_consumes() {
     // `max_in_flight = 0` read literally never fetches: the loop would
     // wait for its shutdown with its partitions unread, saying nothing.
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     produce(
         &brokers,
         &[(Some("a"), "a"), (Some("b"), "b"), (Some("a"), "a")],
@@ -1081,9 +1066,7 @@ fn a_zero_commit_interval_does_not_spin_an_idle_loop() {
     // not turn without pause while the stream is idle. The loop runs here
     // on a thread of its own (a current-thread runtime), so that thread's
     // CPU time is the loop's.
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster(2);
     let (spent, done, commits) = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

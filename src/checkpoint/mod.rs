@@ -35,6 +35,7 @@ use crate::fingerprint::{Fingerprint, Secret};
 use crate::wal::format::Record;
 use crate::Engine;
 pub use import::{ImportReport, ImportTable};
+pub(crate) use periodic::require_interval;
 pub use periodic::{CheckpointStatus, CheckpointWatch, Checkpointer};
 pub use schema::{Migrated, SCHEMA_VERSION};
 pub use transaction::TxMark;

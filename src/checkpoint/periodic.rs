@@ -79,6 +79,18 @@ impl std::fmt::Debug for Checkpointer {
     }
 }
 
+/// A checkpoint interval must be above zero: a zero one would checkpoint
+/// back to back. (Checked by [`Checkpointer::start`], and up front by a
+/// Kafka consumer whose partition stores are checkpointed.)
+pub(crate) fn require_interval(every: Duration) -> crate::Result<()> {
+    if every.is_zero() {
+        return Err(crate::Error::Config(
+            "the checkpoint interval must be above zero".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Checkpointer {
     /// Checkpoint `engine` to `pg` every `every`, and also whenever
     /// `every_marks` new marks have accumulated (checked ten times a second).
@@ -91,11 +103,7 @@ impl Checkpointer {
         every: Duration,
         every_marks: Option<u64>,
     ) -> crate::Result<Checkpointer> {
-        if every.is_zero() {
-            return Err(crate::Error::Config(
-                "the checkpoint interval must be above zero".into(),
-            ));
-        }
+        require_interval(every)?;
         engine.require_log()?;
         let shared = Arc::new(Shared::default());
         let started = Instant::now();

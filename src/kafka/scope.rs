@@ -113,11 +113,7 @@ impl Stores {
     pub(crate) fn with_checkpoints(mut self, config: PartitionCheckpoint) -> Result<Stores, Error> {
         // Refused here, before any partition is assigned, rather than by
         // the first store's checkpointer.
-        if config.every.is_zero() {
-            return Err(Error::Config(
-                "the checkpoint interval must be above zero".into(),
-            ));
-        }
+        crate::checkpoint::require_interval(config.every)?;
         // One worker that always runs: the pools it opens are shared with
         // the checkpointers' own runtimes.
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -145,6 +145,10 @@ pub(crate) struct Segment {
     /// Where the bytes handed to the kernel's writeback end (see
     /// `Wal::write_back`).
     written_back: AtomicU64,
+    /// Log2 of the pieces handed to writeback: about a sixteenth of the
+    /// segment, at least 64 KiB (a shift, so the check on every append
+    /// costs no division).
+    writeback_shift: u32,
 }
 
 impl Segment {
@@ -168,12 +172,8 @@ impl Segment {
             max_expiry: AtomicU64::new(max_expiry),
             next_requested: AtomicBool::new(false),
             written_back: AtomicU64::new(end as u64),
+            writeback_shift: (capacity as u64 / 16).max(WRITEBACK_CHUNK_MIN).ilog2(),
         }
-    }
-
-    /// How much of the segment is handed to writeback at a time.
-    fn writeback_chunk(&self) -> u64 {
-        (self.capacity as u64 / 16).max(WRITEBACK_CHUNK_MIN)
     }
 }
 
@@ -539,9 +539,9 @@ impl Wal {
                 if end * 2 > seg.capacity as u64 && !seg.next_requested.load(Relaxed) {
                     self.prepare_next(seg);
                 }
-                let chunk = seg.writeback_chunk();
-                if off / chunk != end / chunk {
-                    Self::write_back(seg, end / chunk * chunk);
+                let shift = seg.writeback_shift;
+                if off >> shift != end >> shift {
+                    Self::write_back(seg, end >> shift << shift);
                 }
                 return Ok(Position::new(seg.seq, end as usize));
             }

@@ -665,8 +665,8 @@ impl SegmentFile for WrittenSegment {
         self.file.sync_data()
     }
     // No writeback hints: `Periodic`'s flusher syncs every few ms, so a
-    // hint would only duplicate its work (measured: no gain in p99, its
-    // throughput within the noise, and a system call on a writer's thread).
+    // hint would mostly duplicate its work (measured: nothing clear to
+    // gain, and a system call on a writer's thread).
 }
 
 /// A segment file mapped read-write.
